@@ -1,0 +1,147 @@
+"""The `toolkit` command. User errors (ToolkitError) print one message and exit 2 without a
+traceback; anything else is a bug and keeps its traceback. torch is imported only by the
+commands that need it, after the config has been validated."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+EXIT_USER_ERROR = 2
+
+
+def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=required,
+                        help="YAML file, or a name in configs/ (cifar.yaml finds configs/cifar.yaml)")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, dotted, value parsed as YAML (repeatable): --set optim.lr=3e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolkit", description="Train image classifiers from one YAML file; serve them with TorchServe.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a run; for several processes use accelerate launch toolkit/train.py")
+    _config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue the run from checkpoints/last (train.resume: true)")
+
+    config = sub.add_parser("config", help="show the resolved config, its JSON Schema or its key reference")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _config_args(config_sub.add_parser("show", help="print the resolved config as YAML"), required=False)
+    config_sub.add_parser("schema", help="print the JSON Schema of config files")
+    config_sub.add_parser("docs", help="print a Markdown table of every key")
+
+    export = sub.add_parser("export", help="write RUN_DIR/export/model.pt (TorchScript) and the handler's files")
+    export.add_argument("run_dir", type=Path)
+
+    archive = sub.add_parser("archive", help="pack RUN_DIR into RUN_DIR/model-store/NAME.mar with torch-model-archiver")
+    archive.add_argument("run_dir", type=Path)
+    archive.add_argument("--name", help="model name in the URL (default: the run name)")
+    archive.add_argument("--version", default="1.0")
+
+    evaluate = sub.add_parser("evaluate", help="evaluate checkpoints/best: report, confusion matrix, pictures")
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--data-root", type=Path, help="an ImageFolder (class folders) to evaluate on instead of the run's validation set")
+
+    predict = sub.add_parser("predict", help="top-k classes of image files, from a run or from a server")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run directory (local inference from checkpoints/best)")
+    source.add_argument("--url", help="prediction URL, e.g. http://127.0.0.1:8080/predictions/digits")
+    predict.add_argument("--token", help="inference token (default: read from the local server on the URL's port)")
+    predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("images", nargs="+", type=Path)
+
+    serve = sub.add_parser("serve", help="start, stop and inspect a local TorchServe")
+    serve_sub = serve.add_subparsers(dest="serve_command", required=True)
+    start = serve_sub.add_parser("start", help="start TorchServe on a model store and wait until the models are READY")
+    start.add_argument("--model-store", type=Path, required=True)
+    start.add_argument("--port", type=int, default=8080, help="inference port; management +1, metrics +2, gRPC +3/+4")
+    start.add_argument("--timeout", type=float, default=120)
+    for name in ("stop", "status", "token"):
+        cmd = serve_sub.add_parser(name)
+        cmd.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except ToolkitError as exc:
+        if not getattr(exc, "quiet", False):
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints/last holds the last finished epoch; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from toolkit.config import load_config
+
+    overrides = args.overrides + (["train.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)  # before torch is imported: config errors are instant
+    from toolkit.engine import train
+
+    summary = train(cfg)
+    if summary.get("status") != "complete" and summary.get("epochs_completed", 0) < cfg.train.epochs:
+        print(f"stopped after epoch {summary['epochs_completed']} of {cfg.train.epochs}; continue with --resume")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from toolkit import config
+
+    if args.config_command == "schema":
+        print(json.dumps(config.schema(), indent=2))
+    elif args.config_command == "docs":
+        print(config.docs_markdown())
+    else:
+        print(config.dump_yaml(config.load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from toolkit.export import export_torchscript
+
+    print(f"exported {export_torchscript(args.run_dir)}")
+    return 0
+
+
+def cmd_archive(args) -> int:
+    from toolkit.archive import build_archive
+
+    print(f"archived {build_archive(args.run_dir, name=args.name, version=args.version)}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from toolkit.evaluate import evaluate_run
+
+    evaluate_run(args.run_dir, data_root=args.data_root)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from toolkit.predict import predict_command
+
+    predict_command(args)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from toolkit.server import serve_command
+
+    return serve_command(args)
+
+
+COMMANDS = {"train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

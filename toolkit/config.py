@@ -1,0 +1,357 @@
+"""RunConfig: the typed description of a run, loaded from YAML plus dotted `--set` overrides.
+
+Imports neither torch nor accelerate, so a bad config is reported in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from toolkit.errors import ConfigError, did_you_mean
+
+DatasetName = Literal[
+    "synthetic", "digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder"
+]
+SEED_MODELS = ("mlp", "mnist_cnn", "bn_cnn", "cifar_cnn", "lenet", "small_convnet")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    crop_padding: int = Field(0, ge=0, description="Random crop of image_size after zero padding by this many pixels (0 = off).")
+    hflip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
+
+
+class DataConfig(Section):
+    name: DatasetName = Field("synthetic", description="Dataset: synthetic and digits need no download; mnist, fashion_mnist, cifar10, cifar100 are torchvision datasets under `root`; imagefolder reads class folders under `root`.")
+    root: Optional[str] = Field(None, description="Directory of the dataset (torchvision datasets and imagefolder). Relative paths are relative to the working directory.")
+    download: bool = Field(False, description="Let torchvision download a missing dataset into `root` (needs internet).")
+    image_size: Optional[int] = Field(None, gt=0, description="Square side the model sees; null = the dataset's own (28 for MNIST, 32 for CIFAR, 8 for digits).")
+    channels: Optional[Literal[1, 3]] = Field(None, description="1 = grayscale, 3 = RGB; null = the dataset's own. Images are converted either way.")
+    resize: Literal["resize", "resize_center_crop"] = Field("resize", description="How images reach image_size: squash, or short side then centre crop (ImageNet style).")
+    mean: Optional[list[float]] = Field(None, description="Per-channel normalisation mean on the 0..1 scale; null = the dataset's default.")
+    std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null = the dataset's default.")
+    num_classes: int = Field(10, ge=2, description="Number of classes (synthetic data only; other sources read it from the data).")
+    synthetic_samples: int = Field(1024, ge=2, description="Number of images (synthetic data only), before the validation split.")
+    batch_size: int = Field(64, gt=0, description="Images per process per step (before gradient accumulation).")
+    eval_batch_size: Optional[int] = Field(None, gt=0, description="Images per process per evaluation step; null = 2 x batch_size.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training set held out for validation where the source has no validation split.")
+    split_seed: int = Field(0, description="Seed of the train/validation split (kept apart from train.seed so the split never moves).")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes (per-sample pipeline only).")
+    pipeline: Literal["auto", "memory", "loader"] = Field("auto", description="memory: decode once into a uint8 tensor and augment whole batches; loader: per-sample DataLoader; auto: memory when it fits under memory_limit_mb.")
+    memory_limit_mb: float = Field(4096, gt=0, description="Largest uint8 dataset (train + val) that `pipeline: auto` keeps in memory.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation, applied to whole batches on the training device.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        problems = []
+        if self.name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder") and not self.root:
+            problems.append(("root", None, f"is required for data.name {self.name!r}: the directory holding the dataset"))
+        if self.name == "imagefolder" and self.root and not Path(self.root).is_dir():
+            problems.append(("root", self.root, "does not exist or is not a directory (expected class folders, or train/ and val/ of class folders)"))
+        if self.name == "imagefolder" and self.download:
+            problems.append(("download", True, "imagefolder data cannot be downloaded"))
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and self.channels is not None and len(values) != self.channels:
+                problems.append((key, values, f"needs {self.channels} value(s), one per channel"))
+        if self.std is not None and any(s <= 0 for s in self.std):
+            problems.append(("std", self.std, "values must be greater than 0"))
+        if (self.mean is None) != (self.std is None):
+            problems.append(("mean" if self.mean is None else "std", None, "mean and std are set together"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field("mnist_cnn", pattern=r"^[a-z][a-z0-9_]*$", description=f"A seed model ({', '.join(SEED_MODELS)}) or any torchvision classification model (resnet18, mobilenet_v3_small, ...).")
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments of the model builder, e.g. {dropout: 0.5} for seed models.")
+    pretrained_weights: Optional[str] = Field(None, description="Local file of weights (a state_dict) to start from; the classification head is replaced when its shape differs.")
+    torchvision_weights: Optional[str] = Field(None, description="torchvision weights name to download (e.g. DEFAULT, IMAGENET1K_V1); needs internet.")
+    freeze_backbone: bool = Field(False, description="Train only the new head; frozen BatchNorm layers stay in eval mode.")
+    sync_batchnorm: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm when several processes train.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        problems = []
+        if self.pretrained_weights and not Path(self.pretrained_weights).is_file():
+            problems.append(("pretrained_weights", self.pretrained_weights, "is not a file"))
+        if self.pretrained_weights and self.torchvision_weights:
+            problems.append(("torchvision_weights", self.torchvision_weights, "cannot be combined with pretrained_weights"))
+        if self.name in SEED_MODELS and self.torchvision_weights:
+            problems.append(("torchvision_weights", self.torchvision_weights, f"only applies to torchvision models, not {self.name!r}"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = Field("adam", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate (before lr_scaling).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (decoupled for adamw).")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="Scale lr with effective_batch_size / lr_base_batch_size.")
+    lr_base_batch_size: Optional[int] = Field(None, gt=0, description="Batch size that lr was tuned for; null = data.batch_size (one process, no accumulation).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise _cross_field_error([("nesterov", True, "needs optim.name 'sgd' and momentum > 0")])
+        return self
+
+
+class ScheduleConfig(Section):
+    name: Literal["none", "step", "cosine", "onecycle"] = Field("none", description="Learning-rate schedule, stepped once per optimizer step.")
+    step_epochs: float = Field(5, gt=0, description="step: multiply lr by gamma every this many epochs.")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: decay factor.")
+    warmup_epochs: float = Field(0, ge=0, description="Linear warm-up from 0 before step or cosine (onecycle has its own).")
+    min_lr: float = Field(0.0, ge=0, description="cosine: final learning rate.")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="onecycle: share of steps spent increasing lr.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleConfig":
+        if self.name == "onecycle" and self.warmup_epochs:
+            raise _cross_field_error([("warmup_epochs", self.warmup_epochs, "does not apply to onecycle (use pct_start)")])
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0, description="Number of epochs.")
+    run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run directory name under output_dir; null = the config file's name.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision. fp16 needs CUDA (with a gradient scaler); bf16 also runs on recent CPUs.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value; null = off.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    seed: int = Field(42, description="Seed of model initialisation and of the training stream (offset per process).")
+    patience: Optional[int] = Field(None, ge=1, description="Early stopping: stop after this many epochs without a better val accuracy; null = off.")
+    resume: bool = Field(False, description="Continue the run in the run directory from checkpoints/last.")
+    overwrite: bool = Field(False, description="Delete an existing run directory of the same name before starting.")
+    stop_after: Optional[int] = Field(None, gt=0, description="Stop this invocation after this many epochs (for time-limited jobs); resume continues.")
+    log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal.")
+    log_with: Literal["none", "tensorboard"] = Field("none", description="Experiment tracker (through Accelerate) writing under the run directory.")
+    device: Literal["auto", "cpu"] = Field("auto", description="auto: CUDA or MPS when present, else CPU; cpu: always the CPU.")
+    channels_last: bool = Field(False, description="channels_last memory format for model and batches.")
+    compile: bool = Field(False, description="torch.compile the model (checkpoints and export stay plain).")
+    num_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per process; null = torch's default.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.resume and self.overwrite:
+            raise _cross_field_error([("overwrite", True, "cannot be combined with train.resume: true")])
+        return self
+
+
+class ServeConfig(Section):
+    batch_size: int = Field(8, gt=0, description="TorchServe dynamic batching: most requests per forward pass.")
+    max_batch_delay_ms: int = Field(5, ge=0, description="How long TorchServe waits to fill a batch.")
+    min_workers: int = Field(1, gt=0, description="Worker processes at start.")
+    max_workers: int = Field(1, gt=0, description="Most worker processes.")
+    response_timeout_s: int = Field(30, gt=0, description="Seconds before a worker is considered stuck.")
+    topk: int = Field(5, gt=0, description="Classes in each answer (never more than the model has).")
+    max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height) the handler decodes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.max_workers < self.min_workers:
+            raise _cross_field_error([("max_workers", self.max_workers, f"must be at least min_workers ({self.min_workers})")])
+        return self
+
+
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Where images come from and how they are prepared.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="The optimizer.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="The learning-rate schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop and the run directory.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving settings written into the model archive.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.output_dir) / (self.train.run_name or "run")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+class _CrossFieldProblem(ValueError):
+    def __init__(self, problems: list[tuple[str, Any, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{k}: {m}" for k, _, m in problems))
+
+
+def _cross_field_error(problems: list[tuple[str, Any, str]]) -> _CrossFieldProblem:
+    return _CrossFieldProblem(problems)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, else a file of that name in ./configs (with or without .yaml)."""
+    candidates = [Path(path)]
+    for base in (Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"):
+        candidates += [base / str(path), base / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = sorted(p.name for p in (Path.cwd() / "configs").glob("*.yaml"))
+    hint = did_you_mean(Path(path).name, available)
+    listing = f"; configs/ has: {', '.join(available)}" if available else ""
+    raise ConfigError([f"{path}: config file not found{hint}{listing}"])
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['optim.lr=3e-4', 'train.epochs=2'] -> nested dict, values parsed as YAML."""
+    nested: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: {part} is set both as a value and as a section")
+                break
+        else:
+            node[parts[-1]] = value
+    if problems:
+        raise ConfigError(problems)
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _flatten(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, dict):
+            keys |= _flatten(value, f"{dotted}.")
+    return keys
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (optional), apply overrides, validate; every problem reported at once as ConfigError."""
+    raw: dict = {}
+    label = "<defaults>"
+    source = None
+    if path is not None:
+        source = resolve_config_path(path)
+        label = str(path) if Path(path).is_file() else str(source)
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"{label}:{where} not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{label}: expected a mapping of sections (data:, model:, ...), got {type(raw).__name__}"])
+    extra = parse_overrides(overrides or [])
+    from_overrides = _flatten(extra)
+    merged = _merge(raw, extra)
+    if source is not None and not (merged.get("train") or {}).get("run_name"):
+        merged.setdefault("train", {})
+        if isinstance(merged["train"], dict):
+            merged["train"]["run_name"] = source.stem
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, label, from_overrides)) from None
+
+
+def _describe_allowed(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc` (a path of section names) in the RunConfig tree."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) -> list[str]:
+    """One line per problem: '<file or --set>: <dotted.key>: <what is wrong and what is allowed>'."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+        value = err.get("input")
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _CrossFieldProblem):
+            for key, bad, message in ctx_error.problems:
+                dotted = ".".join(map(str, (*loc, key)))
+                shown = "" if bad is None else f" {bad!r}"
+                origin = "--set" if dotted in from_overrides else label
+                lines.append(f"{origin}: {dotted}:{shown} {message}")
+            continue
+        dotted = ".".join(map(str, loc)) or "<top level>"
+        origin = "--set" if dotted in from_overrides else label
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _describe_allowed(RunConfig, loc[:-1])
+            hint = did_you_mean(loc[-1], allowed)
+            message = f"unknown key{hint}; allowed here: {', '.join(allowed)}"
+        elif kind == "literal_error":
+            expected = err["ctx"]["expected"]
+            choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
+            message = f"{value!r} is not one of {expected}{did_you_mean(value, choices)}"
+        elif kind == "model_type" or kind == "model_attributes_type":
+            message = f"expected a section (a mapping of keys), got {value!r}"
+        elif kind == "missing":
+            message = "is required"
+        else:
+            message = f"{value!r} is invalid: {err['msg'].removeprefix('Value error, ')}"
+        lines.append(f"{origin}: {dotted}: {message}")
+    return lines
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def schema() -> dict:
+    return RunConfig.model_json_schema()
+
+
+def docs_markdown() -> str:
+    """A Markdown table of every key with its default and description (for the README)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+    for section_name, section_field in RunConfig.model_fields.items():
+        _rows_for(section_field.annotation, section_name, rows)
+    return "\n".join(rows)
+
+
+def _rows_for(model: type[BaseModel], prefix: str, rows: list[str]) -> None:
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            _rows_for(annotation, f"{prefix}.{name}", rows)
+            continue
+        default = field.default if field.default_factory is None else field.default_factory()
+        rows.append(f"| `{prefix}.{name}` | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {field.description} |")

@@ -1,0 +1,274 @@
+"""Datasets -> DataBundle: uint8 images at the model's size (in memory or per sample), class names,
+the evaluation preprocessing, and batch-level augmentation + normalisation on the training device."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from toolkit.config import DataConfig
+from toolkit.errors import ToolkitError
+from toolkit.preprocess import Preprocess, normalize, open_image, pil_to_uint8, resize_uint8
+
+NATIVE = {  # channels, image size, default mean/std (on 0..1) per source
+    "synthetic": (3, 32, [0.5], [0.5]),
+    "digits": (1, 8, [0.5], [0.5]),
+    "mnist": (1, 28, [0.1307], [0.3081]),
+    "fashion_mnist": (1, 28, [0.2860], [0.3530]),
+    "cifar10": (3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": (3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "imagefolder": (3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+
+
+class TensorImages(Dataset):
+    """uint8 images N x C x S x S and labels N, fetched a whole batch per index (no per-sample work)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+class FileImages(Dataset):
+    """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory."""
+
+    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess):
+        self.samples, self.pre = samples, pre
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return pil_to_uint8(open_image(path), self.pre["channels"], self.pre["image_size"], self.pre["resize"]), label
+
+
+def _pass_through(batch):
+    return batch
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from (seed, epoch): identical on every process, reproducible on resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    preprocess: Preprocess
+    pipeline: str  # "memory" or "loader"
+
+    @property
+    def in_memory(self) -> bool:
+        return self.pipeline == "memory"
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    """Read the configured source into uint8 images at the model's size and channels."""
+    native_channels, native_size, mean, std = NATIVE[cfg.name]
+    channels = cfg.channels or native_channels
+    size = cfg.image_size or native_size
+    if cfg.mean is not None:
+        mean, std = cfg.mean, cfg.std
+    elif len(mean) != channels:  # dataset defaults follow a channel conversion
+        mean, std = ([sum(mean) / len(mean)], [sum(std) / len(std)]) if channels == 1 else (mean * 3, std * 3)
+    if len(mean) == 1 and channels == 3:
+        mean, std = mean * 3, std * 3
+    pre = Preprocess(channels=channels, image_size=size, resize=cfg.resize, mean=list(mean), std=list(std))
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg, pre)
+    if cfg.name == "synthetic":
+        images, labels, classes = _synthetic(cfg, channels)
+        val_images = val_labels = None
+    elif cfg.name == "digits":
+        images, labels, classes = _digits()
+        val_images = val_labels = None
+    else:
+        (images, labels), (val_images, val_labels), classes = _torchvision(cfg)
+    if val_images is None:
+        train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
+        images, labels, val_images, val_labels = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+    pipeline = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size)
+    if pipeline == "loader":  # tensor sources are small by nature; keep them as tensors all the same
+        pipeline = "memory"
+    train = TensorImages(_conform(images, channels, size, cfg.resize), labels)
+    val = TensorImages(_conform(val_images, channels, size, cfg.resize), val_labels)
+    return DataBundle(train, val, classes, pre, pipeline)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split of range(n): (train indices, val indices), both sorted."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _choose_pipeline(cfg: DataConfig, nbytes: int) -> str:
+    if cfg.pipeline != "auto":
+        return cfg.pipeline
+    return "memory" if nbytes <= cfg.memory_limit_mb * 2**20 else "loader"
+
+
+def _conform(images: torch.Tensor, channels: int, size: int, policy: str) -> torch.Tensor:
+    """uint8 N x C x H x W -> N x channels x size x size, converting channels as PIL would."""
+    if images.shape[1] == 3 and channels == 1:
+        # PIL's "RGB" -> "L": L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, bit-exact
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
+        images = ((images.int() * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+    elif images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    chunks = [resize_uint8(chunk, size, policy) for chunk in images.split(4096)]
+    return torch.cat(chunks).contiguous()
+
+
+def _synthetic(cfg: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Class prototypes (smooth random patterns) plus strong noise: learnable, not trivial."""
+    generator = torch.Generator().manual_seed(1234 + cfg.split_seed)
+    size = cfg.image_size or NATIVE["synthetic"][1]
+    prototypes = torch.rand(cfg.num_classes, channels, 4, 4, generator=generator)
+    prototypes = nn.functional.interpolate(prototypes, size=(size, size), mode="bilinear", align_corners=False)
+    labels = torch.arange(cfg.synthetic_samples) % cfg.num_classes
+    labels = labels[torch.randperm(len(labels), generator=generator)]
+    noise = torch.randn(len(labels), channels, size, size, generator=generator) * 0.6
+    images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, labels, [f"class_{i}" for i in range(cfg.num_classes)]
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """scikit-learn's 1,797 real 8x8 digits (values 0..16), scaled to uint8."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
+    return images, torch.from_numpy(digits.target).long(), [str(d) for d in range(10)]
+
+
+def _torchvision(cfg: DataConfig):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, TORCHVISION[cfg.name])
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(root=cfg.root, train=train, download=cfg.download)
+        except RuntimeError as exc:
+            hint = "" if cfg.download else " Set data.download: true (needs internet) or point data.root at a copy."
+            raise ToolkitError(f"data.root: {cfg.name} not found under {Path(cfg.root).resolve()} ({exc}).{hint}") from None
+        images = torch.as_tensor(ds.data)
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
+        splits.append((images.contiguous(), torch.as_tensor(ds.targets).long()))
+    return splits[0], splits[1], list(ds.classes)
+
+
+def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root)
+    try:
+        if (root / "train").is_dir() and (root / "val").is_dir():
+            train_ds, val_ds = ImageFolder(root / "train"), ImageFolder(root / "val")
+            if val_ds.classes != train_ds.classes:
+                raise ToolkitError(f"data.root: {root}/val has classes {val_ds.classes}, train/ has {train_ds.classes}")
+            train_samples, val_samples = train_ds.samples, val_ds.samples
+        else:
+            train_ds = ImageFolder(root)
+            train_idx, val_idx = split_indices(len(train_ds.samples), cfg.val_fraction, cfg.split_seed)
+            train_samples = [train_ds.samples[i] for i in train_idx]
+            val_samples = [train_ds.samples[i] for i in val_idx]
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise ToolkitError(f"data.root: {root}: {exc}") from None
+    nbytes = (len(train_samples) + len(val_samples)) * pre["channels"] * pre["image_size"] ** 2
+    pipeline = _choose_pipeline(cfg, nbytes)
+    train, val = FileImages(train_samples, pre), FileImages(val_samples, pre)
+    if pipeline == "memory":
+        train, val = _decode_all(train), _decode_all(val)
+    return DataBundle(train, val, list(train_ds.classes), pre, pipeline)
+
+
+def _decode_all(files: FileImages) -> TensorImages:
+    """Decode every file once, with DataLoader workers, into one uint8 tensor."""
+    loader = DataLoader(files, batch_size=256, num_workers=min(4, len(files) // 256), shuffle=False)
+    images, labels = zip(*loader) if len(files) else ((), ())
+    return TensorImages(torch.cat(images), torch.cat(labels).long())
+
+
+def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
+    """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
+    sampler = EpochShuffle(len(bundle.train), seed)
+    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
+    if bundle.in_memory:  # the batch is one tensor index: workers would only add copies
+        common = dict(num_workers=0, collate_fn=_pass_through)
+    else:
+        common = dict(num_workers=cfg.num_workers, pin_memory=pin_memory,
+                      persistent_workers=cfg.num_workers > 0,
+                      prefetch_factor=4 if cfg.num_workers > 0 else None)
+    train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, **common)
+    val = DataLoader(bundle.val, batch_size=eval_batch, shuffle=False, **common)
+    return train, val
+
+
+class BatchAugment(nn.Module):
+    """uint8 batch on the device -> augmented (training only), normalised float batch.
+
+    Padded random crop and flip are drawn per image with whole-batch tensor ops, from the
+    global torch RNG (seeded per process, saved in the resume state)."""
+
+    def __init__(self, pre: Preprocess, crop_padding: int = 0, hflip: bool = False, channels_last: bool = False):
+        super().__init__()
+        self.mean, self.std = pre["mean"], pre["std"]
+        self.crop_padding, self.hflip, self.channels_last = crop_padding, hflip, channels_last
+
+    def forward(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.crop_padding:
+            images = random_crop(images, self.crop_padding)
+        if train and self.hflip:
+            flip = torch.rand(images.shape[0], device=images.device) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        out = normalize(images, self.mean, self.std)
+        return out.contiguous(memory_format=torch.channels_last) if self.channels_last else out
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Per-image random crop of the original size from a zero-padded batch (N x C x H x W)."""
+    n, _, h, w = images.shape
+    padded = nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=images.device)
+    rows = (torch.arange(h, device=images.device).view(1, h, 1) + dy).expand(n, h, w)
+    cols = (torch.arange(w, device=images.device).view(1, 1, w) + dx).expand(n, h, w)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1).expand(n, h, w)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def num_steps(loader_len: int, grad_accum_steps: int) -> int:
+    """Optimizer steps per epoch for a per-process loader of loader_len batches."""
+    return math.ceil(loader_len / grad_accum_steps)

@@ -1,0 +1,321 @@
+"""The training engine: the only module that imports accelerate.
+
+prepare -> accumulate -> backward -> gather_for_metrics, with the run directory written by the
+main process only (save_state excepted, which every process must call)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from rich.console import Console
+
+from toolkit import checkpoint
+from toolkit.config import RunConfig, dump_yaml
+from toolkit.data import BatchAugment, build_data, build_loaders, num_steps
+from toolkit.errors import ToolkitError
+from toolkit.models import build_model, freeze_backbone, load_pretrained, train_mode
+from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
+from toolkit.progress import Reporter, epoch_line
+
+
+class NonFiniteLoss(ToolkitError):
+    """The loss became NaN or infinite; the last good checkpoints are kept."""
+
+
+@dataclass
+class RunState:
+    """What trainer_state.json carries between invocations."""
+    epoch: int = 0  # epochs completed
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the best, for early stopping
+    stopped_early: bool = False
+    wall_s: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def make_accelerator(cfg: RunConfig) -> Accelerator:
+    t = cfg.train
+    if t.mixed_precision == "fp16" and (t.device == "cpu" or not torch.cuda.is_available()):
+        raise ToolkitError("train.mixed_precision: 'fp16' needs a CUDA GPU (Accelerate would silently run fp32 "
+                           "on this machine); use 'bf16' or 'no'")
+    accelerator = Accelerator(
+        cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
+        log_with="tensorboard" if t.log_with == "tensorboard" else None,
+        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
+        step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) != accelerator.num_processes:
+        raise ToolkitError(f"WORLD_SIZE is {world} but Accelerate runs {accelerator.num_processes} process(es): the "
+                           "launcher started independent copies. On CPUs use launch/cpu.sh (see launch/README.md).")
+    return accelerator
+
+
+def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
+    device = accelerator.device
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+        bf16 = torch.cuda.is_bf16_supported()
+    else:
+        what, bf16 = device.type, device.type == "cpu"
+    return (f"processes {accelerator.num_processes} ({accelerator.distributed_type.value}) | device {what} | "
+            f"mixed precision {cfg.train.mixed_precision} | bf16 supported {'yes' if bf16 else 'no'}")
+
+
+def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
+    """Decide fresh start / resume / refuse (same decision on every process), then set the dir up."""
+    run_dir = cfg.run_dir
+    occupied = run_dir.is_dir() and any(run_dir.iterdir())
+    state = checkpoint.read_trainer_state(run_dir) if cfg.train.resume else None
+    if occupied and not cfg.train.resume and not cfg.train.overwrite:
+        what = "a finished run" if (run_dir / "summary.json").is_file() else "a partial run"
+        raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
+                           f"train.run_name, or set train.overwrite: true to delete it.")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if occupied and cfg.train.overwrite:
+            shutil.rmtree(run_dir)
+        elif cfg.train.resume and state is None and occupied:
+            say(f"[yellow]{run_dir} has no complete checkpoint to resume: starting from the beginning[/]")
+            for stale in ("metrics.jsonl", "summary.json", "checkpoints"):
+                target = run_dir / stale
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        checkpoint.clean_stale(run_dir)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if state is not None:  # epochs after the last checkpoint were lost: drop their lines
+            _rewrite_metrics(run_dir, [m for m in state["history"]])
+    accelerator.wait_for_everyone()
+    if cfg.train.resume and state is None and not occupied:
+        say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
+    return RunState(**state) if state is not None else None
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+
+
+def train(cfg: RunConfig, console: Console | None = None) -> dict:
+    """Run (or resume) the configured training; returns the summary written to summary.json."""
+    accelerator = make_accelerator(cfg)
+    try:
+        return _train(cfg, accelerator, console or Console(soft_wrap=True))
+    except ToolkitError as exc:
+        exc.quiet = not accelerator.is_main_process  # one message, not one per process
+        raise
+
+
+def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
+    t0 = time.perf_counter()
+    main = accelerator.is_main_process
+    reporter = Reporter(console, main, cfg.train.log_every)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    state = prepare_run_dir(cfg, accelerator, reporter.print)
+    reporter.print(device_report(accelerator, cfg), highlight=False)
+
+    bundle = build_data(cfg.data)
+    pre, classes = bundle.preprocess, bundle.classes
+    set_seed(cfg.train.seed)  # identical initial weights on every process
+    net = build_model(cfg.model.name, len(classes), pre["channels"], pre["image_size"], cfg.model.args,
+                      cfg.model.torchvision_weights)
+    if cfg.model.pretrained_weights:
+        reporter.print(load_pretrained(net, cfg.model.pretrained_weights))
+    if cfg.model.freeze_backbone:
+        freeze_backbone(net)
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+
+    effective_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
+    lr = scaled_lr(cfg.optim, effective_batch, cfg.data.batch_size)
+    optimizer = build_optimizer(cfg.optim, net.parameters(), lr)
+    train_loader, val_loader = build_loaders(bundle, cfg.data, cfg.train.seed, accelerator.device.type == "cuda")
+    model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
+    steps_per_epoch = num_steps(len(train_loader), cfg.train.grad_accum_steps)
+    scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
+    forward = torch.compile(model) if cfg.train.compile else model
+    augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
+    meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
+            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")}}
+
+    set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
+    if state is not None:
+        accelerator.load_state(str(checkpoint.checkpoints_dir(cfg.run_dir) / "last"))
+        reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
+    state = state or RunState()
+    if cfg.train.log_with != "none":
+        accelerator.init_trackers(cfg.train.run_name or "run", config=_flat_hparams(cfg))
+    reporter.print(f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(classes)} classes, "
+                   f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
+                   f"{cfg.model.name} | effective batch {effective_batch} | lr {lr:g}", highlight=False)
+
+    last_epoch = cfg.train.epochs if cfg.train.stop_after is None else min(cfg.train.epochs, state.epoch + cfg.train.stop_after)
+    epoch_metrics = None
+    try:
+        for epoch in range(state.epoch + 1, last_epoch + 1):
+            if state.stopped_early:
+                break
+            train_loader.set_epoch(epoch)
+            t_epoch = time.perf_counter()
+            train_loss, train_acc, seen, train_s = train_epoch(
+                cfg, accelerator, forward, net, train_loader, optimizer, scheduler, augment, reporter,
+                epoch, steps_per_epoch, (epoch - 1) * steps_per_epoch)
+            val_loss, val_acc, val_samples = evaluate(accelerator, forward, val_loader, augment)
+            epoch_metrics = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                                 val_acc=val_acc, val_samples=val_samples, lr=scheduler.get_last_lr()[0],
+                                 images_per_s=seen / train_s, num_processes=accelerator.num_processes,
+                                 epoch_s=time.perf_counter() - t_epoch)
+            improved = val_acc > state.best_val_acc
+            if improved:
+                state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, epoch, 0
+                if main:
+                    checkpoint.save_best(cfg.run_dir, net, {**meta, "epoch": epoch, "val_acc": val_acc}, epoch)
+            else:
+                state.bad_epochs += 1
+            state.stopped_early = cfg.train.patience is not None and state.bad_epochs >= cfg.train.patience
+            state.epoch = epoch
+            state.history.append(epoch_metrics)
+            if main:
+                with open(cfg.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(epoch_metrics) + "\n")
+            save_last(cfg.run_dir, accelerator, state, t0)
+            reporter.print(epoch_line(epoch, cfg.train.epochs, epoch_metrics, improved), highlight=False)
+            if cfg.train.log_with != "none":
+                accelerator.log({f"epoch/{k}": v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch * steps_per_epoch)
+            if state.stopped_early:
+                reporter.print(f"early stopping: no better val accuracy for {cfg.train.patience} epochs "
+                               f"(best {state.best_val_acc:.2%} at epoch {state.best_epoch})")
+    except NonFiniteLoss:
+        if main:
+            write_summary(cfg, accelerator, state, t0, status="non_finite_loss")
+        accelerator.end_training()
+        raise
+    summary = write_summary(cfg, accelerator, state, t0,
+                            status="complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
+    accelerator.end_training()
+    return summary
+
+
+def train_epoch(cfg, accelerator, forward, net, loader, optimizer, scheduler, augment, reporter,
+                epoch, steps, global_step):
+    """One pass over this process's shard; returns global (all processes) loss, accuracy, images, seconds."""
+    train_mode(forward)
+    totals = torch.zeros(3, device=accelerator.device)  # sum of loss * n, correct, n
+    reporter.start_epoch(epoch, cfg.train.epochs, len(loader))
+    t0 = time.perf_counter()
+    for step, (images, labels) in enumerate(loader, start=1):
+        with accelerator.accumulate(forward):
+            logits = forward(augment(images, train=True))
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+            check_finite(loss, accelerator, epoch, step)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                if cfg.train.clip_grad_norm:
+                    accelerator.clip_grad_norm_(net.parameters(), cfg.train.clip_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                global_step += 1
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=totals.device)])
+        if cfg.train.log_with != "none" and accelerator.sync_gradients:
+            accelerator.log({"Loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=global_step)
+        if reporter.wants_stats(step):
+            reporter.step(step, int(totals[2]) * accelerator.num_processes, float(totals[0] / totals[2]), float(totals[1] / totals[2]))
+        else:
+            reporter.step(step, 0)
+    reporter.end_epoch()
+    elapsed = time.perf_counter() - t0
+    loss_sum, correct, seen = accelerator.reduce(totals, reduction="sum").tolist()
+    return loss_sum / seen, correct / seen, seen, elapsed
+
+
+def check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, step: int) -> None:
+    """Every process learns that any process saw a non-finite loss, so all stop together."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item():
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: training stopped on every process. "
+                            "checkpoints/best and checkpoints/last keep the last good epoch. Lower optim.lr, "
+                            "set train.clip_grad_norm, or check the data.")
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, forward, loader, augment) -> tuple[float, float, int]:
+    """Loss, accuracy and sample count over exactly the validation set (no padded duplicates)."""
+    forward.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        logits = forward(augment(images, train=False))
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
+        loss_sum += losses.sum().item()
+        correct += (preds == labels).sum().item()
+        seen += len(labels)
+    return loss_sum / seen, correct / seen, seen
+
+
+def save_last(run_dir: Path, accelerator: Accelerator, state: RunState, t0: float) -> None:
+    """Full resume state, staged then published atomically. Every process calls save_state."""
+    staged = checkpoint.staging_dir(run_dir, "last", state.epoch)
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staged))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        payload = {**state.__dict__, "wall_s": state.wall_s + time.perf_counter() - t0}
+        (staged / checkpoint.TRAINER_STATE).write_text(json.dumps(payload, indent=1))
+        checkpoint.publish(run_dir, "last", staged)
+    accelerator.wait_for_everyone()
+
+
+def write_summary(cfg: RunConfig, accelerator: Accelerator, state: RunState, t0: float, status: str) -> dict:
+    history = state.history
+    rates = [m["images_per_s"] for m in history]
+    summary = {
+        "status": status, "best_val_acc": max(state.best_val_acc, 0.0), "best_epoch": state.best_epoch,
+        "epochs_completed": state.epoch, "epochs": cfg.train.epochs, "stopped_early": state.stopped_early,
+        "val_samples": history[-1]["val_samples"] if history else 0,
+        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "num_processes": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
+        "effective_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
+        "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
+        "wall_s": state.wall_s + time.perf_counter() - t0, "device": accelerator.device.type,
+    }
+    if accelerator.is_main_process:
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _plot_curves(cfg.run_dir, history)
+    return summary
+
+
+def _plot_curves(run_dir: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    from toolkit.report import plot_curves
+
+    plot_curves(history, run_dir / "plots" / "curves.png")
+
+
+def _flat_hparams(cfg: RunConfig) -> dict:
+    """TensorBoard's hparams take scalars only."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,62 @@
+"""What a run shows while it trains: a live rich bar on a terminal, plain lines every N steps in a
+cluster log, and one summary line per epoch. Only the main process ever gets a live reporter."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def epoch_line(epoch: int, epochs: int, m: dict, best: bool) -> str:
+    """The MNIST guide's line: `Epoch [ 3/15] Train Loss ... | LR 0.001000 *`."""
+    width = len(str(epochs))
+    return (f"Epoch [{epoch:>{width}}/{epochs}] Train Loss {m['train_loss']:.4f} | Train Acc {m['train_acc']:.2%} | "
+            f"Val Loss {m['val_loss']:.4f} | Val Acc {m['val_acc']:.2%} | LR {m['lr']:.6f}"
+            f" | {m['images_per_s']:,.0f} img/s{' *' if best else ''}")
+
+
+class Reporter:
+    """Step progress for one process. `enabled=False` (other processes) makes every call a no-op."""
+
+    def __init__(self, console: Console, enabled: bool, log_every: int):
+        self.console, self.enabled, self.log_every = console, enabled, log_every
+        self.live = enabled and console.is_terminal
+        self._progress: Progress | None = None
+
+    def print(self, *args, **kwargs) -> None:
+        if self.enabled:
+            self.console.print(*args, **kwargs)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self.epoch, self.epochs, self.steps, self.t0 = epoch, epochs, steps, time.perf_counter()
+        if self.live:
+            self._progress = Progress(
+                TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=self.console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=steps, stats="")
+
+    def wants_stats(self, step: int) -> bool:
+        """Whether step (1-based) shows numbers: pulling them off the device costs a sync."""
+        if not self.enabled:
+            return False
+        every = min(self.log_every, 10) if self.live else self.log_every
+        return step % every == 0 or step == self.steps
+
+    def step(self, step: int, images_seen: int, loss: float | None = None, acc: float | None = None) -> None:
+        if not self.enabled:
+            return
+        rate = images_seen / max(time.perf_counter() - self.t0, 1e-9)
+        stats = "" if loss is None else f"loss {loss:.4f} acc {acc:.2%} {rate:,.0f} img/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, **({"stats": stats} if stats else {}))
+        elif stats:
+            self.console.print(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {stats}", highlight=False)
+
+    def end_epoch(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
