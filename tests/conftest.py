@@ -1,0 +1,62 @@
+"""Shared fixtures: in-process training on generated data, and the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    yield
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+def train_run(tmp_path: Path, *overrides: str, config: str | Path = "smoke.yaml", name: str = "run"):
+    """Train in this process with `configs/<config>` and overrides; returns (run_dir, summary)."""
+    from toolkit.config import load_config
+    from toolkit.engine import train
+
+    cfg = load_config(ROOT / "configs" / config if not Path(config).is_file() else config,
+                      [f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides])
+    summary = train(cfg)
+    return cfg.run_dir, summary
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """The installed `toolkit` command, as a user runs it."""
+    return subprocess.run([str(BIN / "toolkit"), *args], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accelerate_launch(tmp_path: Path, *overrides: str, config: str = "smoke.yaml", name: str = "run",
+                      num_processes: int = 2, extra_env: dict | None = None, timeout: float = 600):
+    """`accelerate launch toolkit/train.py` with N CPU processes over gloo (the recipe in launch/cpu.sh):
+    every flag explicit, so a user's default accelerate config is never read."""
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0", str(ROOT / "toolkit" / "train.py"),
+           "--config", config, "--set", f"train.output_dir={tmp_path}", "--set", f"train.run_name={name}"]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return tmp_path / name, result
