@@ -116,3 +116,11 @@ def test_overrides_parse_as_yaml():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert cfg.train.run_name == path.stem or cfg.train.run_name
+
+
+def test_readme_config_reference_is_current():
+    from toolkit.config import DOCS_END, DOCS_START, docs_markdown
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split(DOCS_START)[1].split(DOCS_END)[0].strip()
+    assert block == docs_markdown(), "run: toolkit config docs --write README.md"

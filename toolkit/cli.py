@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _config_args(config_sub.add_parser("show", help="print the resolved config as YAML"), required=False)
     config_sub.add_parser("schema", help="print the JSON Schema of config files")
-    config_sub.add_parser("docs", help="print a Markdown table of every key")
+    docs = config_sub.add_parser("docs", help="print a Markdown table of every key")
+    docs.add_argument("--write", type=Path, metavar="FILE", help="replace the marked block in FILE (README.md) instead")
 
     export = sub.add_parser("export", help="write RUN_DIR/export/model.pt (TorchScript) and the handler's files")
     export.add_argument("run_dir", type=Path)
@@ -98,6 +99,8 @@ def cmd_config(args) -> int:
 
     if args.config_command == "schema":
         print(json.dumps(config.schema(), indent=2))
+    elif args.config_command == "docs" and args.write:
+        print(f"{args.write}: {'updated' if config.update_docs(args.write) else 'already current'}")
     elif args.config_command == "docs":
         print(config.docs_markdown())
     else:

@@ -340,11 +340,30 @@ def schema() -> dict:
 
 
 def docs_markdown() -> str:
-    """A Markdown table of every key with its default and description (for the README)."""
-    rows = ["| key | default | description |", "|---|---|---|"]
+    """A Markdown table of every key: default, what is allowed, description (for the README)."""
+    rows = ["| key | default | allowed | description |", "|---|---|---|---|"]
     for section_name, section_field in RunConfig.model_fields.items():
         _rows_for(section_field.annotation, section_name, rows)
     return "\n".join(rows)
+
+
+def _allowed(field) -> str:
+    import typing
+
+    annotation = field.annotation
+    args = [annotation] if typing.get_origin(annotation) in (Literal, dict, list) else (
+        [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation])
+    literal = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+    if literal:
+        return ", ".join(f"`{v}`" for v in literal)
+    bounds = []
+    for item in field.metadata:
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{sign} {getattr(item, attr)}")
+    kind = " or ".join({dict: "mapping"}.get(typing.get_origin(a), getattr(a, "__name__", str(a))) for a in args)
+    nullable = type(None) in typing.get_args(annotation)
+    return kind + (" " + ", ".join(bounds) if bounds else "") + (" or null" if nullable else "")
 
 
 def _rows_for(model: type[BaseModel], prefix: str, rows: list[str]) -> None:
@@ -354,4 +373,18 @@ def _rows_for(model: type[BaseModel], prefix: str, rows: list[str]) -> None:
             _rows_for(annotation, f"{prefix}.{name}", rows)
             continue
         default = field.default if field.default_factory is None else field.default_factory()
-        rows.append(f"| `{prefix}.{name}` | `{yaml.safe_dump(default).strip().removesuffix('...').strip()}` | {field.description} |")
+        shown = yaml.safe_dump(default).strip().removesuffix("...").strip()
+        rows.append(f"| `{prefix}.{name}` | `{shown}` | {_allowed(field)} | {field.description} |")
+
+
+DOCS_START, DOCS_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_docs(path: Path) -> bool:
+    """Replace the block between the markers in `path` with the current table; True if changed."""
+    text = Path(path).read_text()
+    head, _, rest = text.partition(DOCS_START)
+    _, _, tail = rest.partition(DOCS_END)
+    new = f"{head}{DOCS_START}\n{docs_markdown()}\n{DOCS_END}{tail}"
+    Path(path).write_text(new)
+    return new != text
