@@ -1,0 +1,258 @@
+"""TorchServe handler for the toolkit's image classifiers (TorchServe 0.11/0.12).
+
+The archive holds `model.pt` (TorchScript), `index_to_name.json` and `preprocess.json`, flattened
+into the model directory. This module runs inside TorchServe's Python worker, where only torch,
+torchvision, PIL, numpy and `ts` can be relied on, so it must not import `toolkit`: it carries its
+own copy of `toolkit/preprocess.py`, and tests/test_handler.py holds the two equal bit for bit.
+
+Per request: raw image bytes (`curl -T img`, `row["body"]`), a multipart field `data`
+(`curl -F data=@img`), or JSON `{"data": "<base64>"}`. A good request gets
+`{"class": probability, ...}`, top-k highest first (the convention of TorchServe's
+image_classifier). A bad request gets, for that request only, an HTTP status and
+`{"error": "...", "code": N}`:
+  400  empty body, malformed JSON, bad base64, truncated or corrupt image
+  413  width x height above `max_pixels` (checked from the header, before pixels are decoded)
+  415  bytes that are not a JPEG, PNG, BMP, GIF or WebP image
+The other requests of the batch are answered normally: bad input never raises out of `handle`,
+because TorchServe would turn any exception into one error status for the whole batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import warnings
+from http import HTTPStatus
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+from ts.utils.util import PredictionException  # defined in ts, so this module keeps one class
+
+logger = logging.getLogger(__name__)
+
+# Only these decoders are reachable from the network: fewer PIL plugins, less attack surface.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
+NOT_AN_IMAGE = "not a decodable image (JPEG, PNG, BMP, GIF, WebP)"
+
+
+class ImageClassifierHandler:
+    """Decode each request, classify all good ones in one forward pass, answer each on its own."""
+
+    def __init__(self):
+        self.initialized = False
+        self.model = None
+        self.device = torch.device("cpu")
+        self.pre: dict = {}
+        self.names: dict[str, str] = {}
+
+    # ---------------------------------------------------------------- start-up
+    def initialize(self, context):
+        props = context.system_properties
+        model_dir = props["model_dir"]
+        with open(os.path.join(model_dir, "preprocess.json"), encoding="utf-8") as f:
+            self.pre = json.load(f)
+        with open(os.path.join(model_dir, "index_to_name.json"), encoding="utf-8") as f:
+            self.names = {str(k): str(v) for k, v in json.load(f).items()}
+        channels, mean, std = self.pre["channels"], self.pre["mean"], self.pre["std"]
+        # Fail at load time (the worker never becomes READY) rather than on every request.
+        if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
+            raise ValueError(f"preprocess.json: bad channels/mean/std: {self.pre}")
+        if self.pre["resize"] not in ("resize", "resize_center_crop"):
+            raise ValueError(f"preprocess.json: unknown resize policy {self.pre['resize']!r}")
+        self.topk = int(self.pre.get("topk", 5))
+        self.max_pixels = int(self.pre.get("max_pixels", 40_000_000))
+
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{gpu_id}")
+        torch.set_num_threads(self._torch_threads(context))
+
+        # TorchScript still works but warns that it is deprecated; the warning says nothing
+        # actionable to whoever reads the model log, so it is silenced here only.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(os.path.join(model_dir, "model.pt"), map_location=self.device)
+        self.model.eval()
+        self.initialized = True
+        logger.info(
+            "loaded %s on %s, %d torch threads, %s", model_dir, self.device, torch.get_num_threads(), self.pre
+        )
+
+    @staticmethod
+    def _torch_threads(context) -> int:
+        """Intra-op threads so that threads x workers does not oversubscribe the cores.
+
+        `handler: {torch_threads: N}` in model-config.yaml wins; an OMP_NUM_THREADS set by the
+        operator is kept (torch already read it); otherwise usable cores // workers.
+        """
+        cfg = getattr(context, "model_yaml_config", None) or {}
+        explicit = (cfg.get("handler") or {}).get("torch_threads")
+        if explicit:
+            return max(1, int(explicit))
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = int(cfg.get("maxWorkers") or cfg.get("minWorkers") or 1)
+        return max(1, cores // max(1, workers))
+
+    # ---------------------------------------------------------------- one request
+    @staticmethod
+    def request_bytes(row) -> bytes:
+        """The encoded image of one request, whichever way it was sent."""
+        value = row.get("data") if isinstance(row, dict) else None
+        if value is None and isinstance(row, dict):
+            value = row.get("body")
+        if value is None:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise PredictionException(f"no 'data' or 'body' field in the request (got {fields})", 400)
+        if isinstance(value, str):  # a text/* body: TorchServe decoded it to str
+            value = value.encode("utf-8")
+        if isinstance(value, (bytes, bytearray)):
+            if not value.strip():
+                raise PredictionException("body is empty", 400)
+            # No image format starts with "{": this is JSON that TorchServe did not parse (no
+            # application/json content type) or could not parse (then it passes the bytes on).
+            if value.lstrip()[:1] != b"{":
+                return bytes(value)
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise PredictionException(f"malformed JSON: {e}", 400) from None
+        if not isinstance(value, dict):
+            raise PredictionException(
+                f'unsupported body ({type(value).__name__}): send image bytes or JSON {{"data": "<base64>"}}', 400
+            )
+        data = value.get("data")
+        if not isinstance(data, str) or not data.strip():
+            raise PredictionException('JSON body must be {"data": "<base64 image>"}', 400)
+        if data.startswith("data:") and "," in data:  # a data: URL, as browsers produce
+            data = data.split(",", 1)[1]
+        try:
+            # Line breaks (`base64` wraps at 76 columns) are dropped; anything else outside the
+            # alphabet is an error rather than silently skipped.
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise PredictionException(f"bad base64 in 'data': {e}", 400) from None
+        if not raw:
+            raise PredictionException("'data' decodes to zero bytes", 400)
+        return raw
+
+    def decode(self, raw: bytes) -> Image.Image:
+        """Encoded bytes -> PIL image (first frame), refusing too many pixels before decoding."""
+        # Image.open reads only the header. PIL's own bomb guard (a warning above 89 M pixels,
+        # an error above 179 M) is lifted for this call so that our limit decides, with a clear
+        # message; it is restored at once (the worker runs one request at a time).
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(io.BytesIO(raw), formats=FORMATS)
+        except Image.UnidentifiedImageError:
+            raise PredictionException(NOT_AN_IMAGE, 415) from None
+        except Exception as e:  # a recognised format whose header is damaged
+            raise PredictionException(f"{NOT_AN_IMAGE}: {e}", 400) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        width, height = img.size
+        if width * height > self.max_pixels:
+            raise PredictionException(
+                f"image is {width}x{height} = {width * height} pixels, above the limit {self.max_pixels}", 413
+            )
+        try:
+            img.seek(0)
+            img.load()
+        except Exception as e:
+            raise PredictionException(f"{img.format} image is truncated or corrupt: {e}", 400) from None
+        return img
+
+    # Copy of toolkit/preprocess.py: to_mode -> pil_to_tensor -> resize_uint8 -> normalize.
+    @staticmethod
+    def to_mode(img: Image.Image, channels: int) -> Image.Image:
+        """Any PIL mode -> "L" or "RGB": 16/32-bit scaled to 8 bits, transparency over white."""
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(img, dtype=np.int64)
+            img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+        elif img.mode == "F":
+            values = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img).convert("RGB")
+        return img.convert("L" if channels == 1 else "RGB")
+
+    def image_to_tensor(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> normalised float C x S x S, exactly as toolkit.preprocess_image."""
+        size, policy = self.pre["image_size"], self.pre["resize"]
+        images = F.pil_to_tensor(self.to_mode(img, self.pre["channels"]))
+        if policy == "resize":
+            if images.shape[-2:] != (size, size):
+                images = F.resize(images, [size, size], antialias=True)
+        else:
+            if min(images.shape[-2:]) != size:
+                images = F.resize(images, size, antialias=True)
+            images = F.center_crop(images, [size, size])
+        mean = torch.tensor(self.pre["mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.pre["std"], dtype=torch.float32).view(-1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    # ---------------------------------------------------------------- the batch
+    def preprocess(self, data):
+        """-> (N_good x C x S x S tensor or None, indices of the good requests, {idx: (code, msg)})."""
+        tensors, good, errors = [], [], {}
+        for idx, row in enumerate(data):
+            try:
+                tensors.append(self.image_to_tensor(self.decode(self.request_bytes(row))))
+                good.append(idx)
+            except PredictionException as e:
+                errors[idx] = (e.error_code, e.message)
+            except Exception as e:  # not the client's fault: a bug here; answer this request only
+                logger.exception("request %d: unexpected error in preprocessing", idx)
+                errors[idx] = (500, f"internal error while preprocessing: {type(e).__name__}")
+        batch = torch.stack(tensors) if tensors else None
+        return batch, good, errors
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        """One forward pass for the whole batch -> probabilities N x num_classes (on the CPU)."""
+        with torch.inference_mode():
+            logits = self.model(batch.to(self.device))
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    def postprocess(self, probs: torch.Tensor) -> list[dict[str, float]]:
+        k = min(self.topk, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)  # sorted, highest first
+        # .tolist() gives plain Python floats/ints, which json.dumps accepts.
+        return [
+            {self.names.get(str(i), str(i)): p for p, i in zip(row_p, row_i)}
+            for row_p, row_i in zip(values.tolist(), indices.tolist())
+        ]
+
+    def handle(self, data, context):
+        """TorchServe's entry point: one answer per request, in order."""
+        batch, good, errors = self.preprocess(data)
+        answers: list = [None] * len(data)
+        if batch is not None:
+            # A failure here is the server's (model, memory), not one request's: it propagates
+            # and TorchServe answers the whole batch (503, or 507 for out of memory).
+            for idx, answer in zip(good, self.postprocess(self.inference(batch))):
+                answers[idx] = answer
+        for idx, (code, message) in errors.items():
+            request_id = context.get_request_id(idx) if hasattr(context, "get_request_id") else None
+            logger.warning("request %d (id %s): %d %s", idx, request_id, code, message)
+            answers[idx] = {"error": message, "code": code}
+        if getattr(context, "request_processor", None) is not None:
+            for idx in range(len(data)):
+                code = errors[idx][0] if idx in errors else 200
+                # The phrase goes into the HTTP status line (without one, 0.12 sends "200 " with
+                # an empty reason): always the standard phrase, never the message.
+                context.set_response_status(code, HTTPStatus(code).phrase, idx)
+                context.set_response_content_type(idx, "application/json")
+        return answers

@@ -1,0 +1,489 @@
+"""In-process tests of serve/handler.py, the TorchServe handler, with TorchServe's own Context.
+
+The handler cannot import `toolkit` (it runs in TorchServe's worker), so it holds a copy of the
+evaluation preprocessing; these tests hold the copy equal to toolkit.preprocess bit for bit.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.util
+import io
+import json
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from ts.context import Context, RequestProcessor
+from ts.utils.util import list_classes_from_module
+
+from toolkit.preprocess import preprocess_image
+
+HANDLER_PATH = Path(__file__).resolve().parents[1] / "serve" / "handler.py"
+NAMES = ["cat", "dog", "bird", "fish", "frog", "horse", "ship", "truck", "plane", "car"]
+
+
+def load_handler_module():
+    spec = importlib.util.spec_from_file_location("handler", HANDLER_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+handler_module = load_handler_module()
+
+
+class TinyNet(nn.Module):
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def make_model_dir(path: Path, channels=3, classes=10, image_size=28, resize="resize", topk=5,
+                   max_pixels=40_000_000) -> Path:
+    """What the .mar holds, flattened: model.pt, index_to_name.json, preprocess.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    # TorchScript warns that it is deprecated; the archive format still requires it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyNet(channels, classes).eval()).save(str(path / "model.pt"))
+    (path / "index_to_name.json").write_text(json.dumps({str(i): NAMES[i] for i in range(classes)}))
+    pre = {"channels": channels, "image_size": image_size, "resize": resize, "mean": [0.5] * channels,
+           "std": [0.25] * channels, "topk": topk, "max_pixels": max_pixels}
+    (path / "preprocess.json").write_text(json.dumps(pre))
+    return path
+
+
+def make_context(model_dir: Path, batch_size: int) -> Context:
+    """TorchServe's Context, set up as ts.service.Service.predict does for one batch."""
+    ctx = Context("clf", str(model_dir), {"model": {"modelName": "clf"}}, batch_size, None, "0.12.0")
+    ctx.request_processor = [RequestProcessor({}) for _ in range(batch_size)]
+    ctx.request_ids = {i: f"req-{i}" for i in range(batch_size)}
+    return ctx
+
+
+def make_handler(model_dir: Path):
+    handler = handler_module.ImageClassifierHandler()
+    handler.initialize(make_context(model_dir, 1))
+    return handler
+
+
+def handle(handler, model_dir: Path, rows: list):
+    ctx = make_context(model_dir, len(rows))
+    answers = handler.handle(rows, ctx)
+    json.dumps(answers)  # what TorchServe does with each answer: must not raise
+    return answers, ctx
+
+
+# ------------------------------------------------------------------------- images
+def random_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def pil_image(mode: str, width: int = 37, height: int = 23, seed: int = 0) -> Image.Image:
+    """A PIL image in `mode` with varied content (and real transparency where the mode has it)."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(random_rgb(width, height, seed))
+    if mode in ("RGB", "L", "CMYK", "1"):
+        return rgb.convert(mode)
+    if mode in ("RGBA", "LA"):
+        alpha = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8))
+        rgba = rgb.convert("RGBA")
+        rgba.putalpha(alpha)
+        return rgba.convert(mode)
+    if mode == "P":
+        return rgb.quantize(16)
+    if mode == "PT":  # palette with a transparent index
+        img = rgb.quantize(16)
+        img.info["transparency"] = 3
+        return img
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-1000, 70000, (height, width), dtype=np.int32))
+    if mode == "F":
+        return Image.fromarray(rng.uniform(-20, 300, (height, width)).astype(np.float32))
+    raise ValueError(mode)
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    if "transparency" in img.info and fmt in ("PNG", "GIF"):
+        kwargs.setdefault("transparency", img.info["transparency"])
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def animated_gif() -> bytes:
+    frames = [pil_image("P", seed=s) for s in (1, 2, 3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds almost no data (a decompression bomb's header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+# (id, encoded bytes, expected PIL mode after decoding): every format and every mode we accept.
+ENCODED = [
+    ("jpeg-RGB", encode(pil_image("RGB"), "JPEG"), "RGB"),
+    ("jpeg-L", encode(pil_image("L"), "JPEG"), "L"),
+    ("jpeg-CMYK", encode(pil_image("CMYK"), "JPEG"), "CMYK"),
+    ("png-RGB", encode(pil_image("RGB"), "PNG"), "RGB"),
+    ("png-RGBA", encode(pil_image("RGBA"), "PNG"), "RGBA"),
+    ("png-L", encode(pil_image("L"), "PNG"), "L"),
+    ("png-LA", encode(pil_image("LA"), "PNG"), "LA"),
+    ("png-P", encode(pil_image("P"), "PNG"), "P"),
+    ("png-P-transparency", encode(pil_image("PT"), "PNG"), "P"),
+    ("png-I16", encode(pil_image("I;16"), "PNG"), "I;16"),
+    ("png-1bit", encode(pil_image("1"), "PNG"), "1"),
+    ("png-large", encode(pil_image("RGB", 300, 200), "PNG"), "RGB"),
+    ("png-exact-size", encode(pil_image("RGB", 28, 28), "PNG"), "RGB"),
+    ("png-tall", encode(pil_image("RGB", 20, 90), "PNG"), "RGB"),
+    ("bmp-RGB", encode(pil_image("RGB"), "BMP"), "RGB"),
+    ("bmp-L", encode(pil_image("L"), "BMP"), "L"),
+    ("bmp-P", encode(pil_image("P"), "BMP"), "P"),
+    ("gif-P", encode(pil_image("P"), "GIF"), "P"),
+    ("gif-P-transparency", encode(pil_image("PT"), "GIF"), "P"),
+    ("gif-animated", animated_gif(), "P"),
+    ("webp-RGB", encode(pil_image("RGB"), "WEBP", lossless=True), "RGB"),
+    ("webp-RGBA", encode(pil_image("RGBA"), "WEBP"), "RGBA"),
+]
+# Modes that none of the five formats produces but that toolkit.preprocess handles (PIL objects).
+PIL_ONLY_MODES = ["I", "F", "I;16", "LA", "RGBA", "P", "PT", "1", "CMYK"]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("models")
+    return {
+        (channels, resize): make_model_dir(base / f"c{channels}-{resize}", channels=channels,
+                                           classes=3 if channels == 1 else 10, resize=resize)
+        for channels in (1, 3)
+        for resize in ("resize", "resize_center_crop")
+    }
+
+
+# ------------------------------------------------------------------------- tests
+def test_module_is_a_valid_torchserve_handler():
+    # TorchServe refuses a handler module with more than one class defined in it.
+    assert [c.__name__ for c in list_classes_from_module(handler_module)] == ["ImageClassifierHandler"]
+    # It runs in TorchServe's worker, where the toolkit is not installed.
+    tree = ast.parse(HANDLER_PATH.read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "toolkit" not in imported
+    assert imported <= {"__future__", "base64", "binascii", "io", "json", "logging", "os", "warnings",
+                        "http", "numpy", "torch", "PIL", "torchvision", "ts"}
+
+
+@pytest.mark.parametrize("channels,classes", [(1, 3), (3, 10)])
+def test_mixed_batch_answers_each_request_on_its_own(tmp_path, channels, classes):
+    model_dir = make_model_dir(tmp_path, channels=channels, classes=classes, topk=5, max_pixels=5000)
+    handler = make_handler(model_dir)
+    good_png = encode(pil_image("RGB", 40, 30, seed=1), "PNG")
+    good_jpeg = encode(pil_image("RGB", 50, 40, seed=2), "JPEG")
+    good_webp = encode(pil_image("RGBA", 30, 30, seed=3), "WEBP")
+    good_gif = encode(pil_image("P", 25, 35, seed=4), "GIF")
+    good_bmp = encode(pil_image("L", 33, 33, seed=5), "BMP")
+    b64 = base64.b64encode(good_webp).decode()
+    rows = [
+        {"body": bytearray(good_png)},                                          # 0 raw (curl -T)
+        {"body": bytearray()},                                                  # 1 empty
+        {"body": bytearray(b"hello, this is not an image")},                   # 2 garbage
+        {"body": bytearray(good_png[: len(good_png) // 2])},                   # 3 truncated PNG
+        {"body": bytearray(b'{"data": "abc')},                                 # 4 malformed JSON
+        {"body": {"data": "!!not base64!!"}},                                  # 5 bad base64
+        {"body": bytearray(encode(pil_image("RGB", 100, 100), "PNG"))},        # 6 10000 > 5000 px
+        {"data": bytearray(good_jpeg)},                                         # 7 multipart
+        {"body": {"data": b64}},                                                # 8 JSON, parsed
+        {"body": json.dumps({"data": b64}).encode()},                           # 9 JSON, as bytes
+        {"body": json.dumps({"data": f"data:image/gif;base64,{base64.b64encode(good_gif).decode()}"})},  # 10 str
+        {"file": bytearray(good_png)},                                          # 11 wrong field name
+        {"body": [1, 2, 3]},                                                    # 12 JSON array
+        {"body": {"data": base64.encodebytes(good_bmp).decode()}},              # 13 base64 with newlines
+        {"body": bytearray(good_jpeg[: len(good_jpeg) * 2 // 3])},             # 14 truncated JPEG
+        {"body": {"image": b64}},                                               # 15 JSON without "data"
+    ]
+    answers, ctx = handle(handler, model_dir, rows)
+    assert len(answers) == len(rows)
+
+    expected_errors = {
+        1: (400, "body is empty"),
+        2: (415, "not a decodable image (JPEG, PNG, BMP, GIF, WebP)"),
+        3: (400, "truncated"),
+        4: (400, "malformed JSON"),
+        5: (400, "bad base64"),
+        6: (413, "image is 100x100 = 10000 pixels, above the limit 5000"),
+        11: (400, "no 'data' or 'body' field"),
+        12: (400, "unsupported body"),
+        14: (400, "JPEG image is truncated or corrupt"),
+        15: (400, 'JSON body must be {"data": "<base64 image>"}'),
+    }
+    k = min(5, classes)
+    for idx, answer in enumerate(answers):
+        code, phrase = ctx.get_response_status(idx)
+        assert ctx.get_response_content_type(idx) == "application/json"
+        if idx in expected_errors:
+            want_code, want_text = expected_errors[idx]
+            assert (code, answer["code"]) == (want_code, want_code), (idx, answer)
+            assert want_text in answer["error"], (idx, answer)
+            assert set(answer) == {"error", "code"} and phrase
+        else:
+            assert (code, phrase) == (200, "OK"), (idx, answer)
+            assert len(answer) == k and set(answer) <= set(NAMES[:classes])
+            probs = list(answer.values())
+            assert all(type(p) is float for p in probs)
+            assert probs == sorted(probs, reverse=True)
+            assert 0 < sum(probs) <= 1 + 1e-6
+            if k == classes:
+                assert sum(probs) == pytest.approx(1, abs=1e-5)
+
+    # Each good answer is the model's answer for that image (as `toolkit predict` would compute).
+    pre = json.loads((model_dir / "preprocess.json").read_text())
+    for idx, raw in {0: good_png, 7: good_jpeg, 8: good_webp, 9: good_webp, 10: good_gif, 13: good_bmp}.items():
+        with torch.inference_mode():
+            p = torch.softmax(handler.model(preprocess_image(raw, pre)[None]), dim=1)[0]
+        top = p.topk(k)
+        assert list(answers[idx]) == [NAMES[i] for i in top.indices.tolist()]
+        assert list(answers[idx].values()) == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_too_many_pixels_is_refused_from_the_header(tmp_path):
+    model_dir = make_model_dir(tmp_path)  # default limit 40 M pixels
+    handler = make_handler(model_dir)
+    limit_before = Image.MAX_IMAGE_PIXELS
+    # 400 M pixels: PIL alone would raise its own DecompressionBombError; decoding would take 400 MB.
+    answers, ctx = handle(handler, model_dir, [{"body": bytearray(png_header_only(20000, 20000))},
+                                               {"body": bytearray(png_header_only(7000, 6000))}])
+    assert answers[0] == {"error": "image is 20000x20000 = 400000000 pixels, above the limit 40000000",
+                          "code": 413}
+    assert answers[1]["code"] == 413 and ctx.get_response_status(1)[0] == 413
+    assert Image.MAX_IMAGE_PIXELS == limit_before  # PIL's global guard is restored
+
+
+def test_all_bad_batch_runs_no_forward(tmp_path):
+    model_dir = make_model_dir(tmp_path)
+    handler = make_handler(model_dir)
+    handler.model = None  # any forward pass would raise
+    answers, ctx = handle(handler, model_dir, [{"body": b""}, {"data": b"GIF89a-broken"}])
+    # A damaged header is not recognised by any decoder: "not an image" (415), like garbage.
+    assert [a["code"] for a in answers] == [400, 415]
+    assert [ctx.get_response_status(i)[0] for i in range(2)] == [400, 415]
+
+
+@pytest.mark.parametrize("name,raw,mode", ENCODED, ids=[e[0] for e in ENCODED])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_format_and_mode_decodes(model_dirs, channels, name, raw, mode):
+    handler = make_handler(model_dirs[(channels, "resize_center_crop")])
+    img = handler.decode(raw)
+    assert img.mode == mode and img.format in handler_module.FORMATS
+    tensor = handler.image_to_tensor(img)
+    assert tensor.shape == (channels, 28, 28) and tensor.dtype == torch.float32
+    assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("resize", ["resize", "resize_center_crop"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_preprocessing_equals_toolkit_exactly(model_dirs, channels, resize):
+    model_dir = model_dirs[(channels, resize)]
+    handler = make_handler(model_dir)
+    pre = json.loads((model_dir / "preprocess.json").read_text())
+    for name, raw, _ in ENCODED:
+        ours = handler.image_to_tensor(handler.decode(handler.request_bytes({"body": bytearray(raw)})))
+        theirs = preprocess_image(raw, pre)
+        assert torch.equal(ours, theirs), name
+    for mode in PIL_ONLY_MODES:
+        img = pil_image(mode, 45, 31, seed=7)
+        assert torch.equal(handler.image_to_tensor(img), preprocess_image(img, pre)), mode
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batch_output_equals_one_image_at_a_time_in_one_forward(model_dirs, channels):
+    model_dir = model_dirs[(channels, "resize")]
+    handler = make_handler(model_dir)
+    model = handler.model
+    calls = []
+
+    def counting_model(x):
+        calls.append(tuple(x.shape))
+        return model(x)
+
+    handler.model = counting_model
+    raws = [raw for _, raw, _ in ENCODED]
+    rows = [{"body": bytearray(raw)} for raw in raws]
+    rows.insert(3, {"body": bytearray(b"not an image")})  # a bad one in the middle changes nothing
+    answers, _ = handle(handler, model_dir, rows)
+    assert calls == [(len(raws), channels, 28, 28)]  # one forward pass for all good requests
+    answers = answers[:3] + answers[4:]
+
+    handler.model = model
+    pre = json.loads((model_dir / "preprocess.json").read_text())
+    for raw, batched in zip(raws, answers):
+        single, _ = handle(handler, model_dir, [{"body": bytearray(raw)}])
+        assert list(single[0]) == list(batched)
+        assert list(single[0].values()) == pytest.approx(list(batched.values()), abs=1e-6)
+        with torch.inference_mode():
+            probs = torch.softmax(model(preprocess_image(raw, pre)[None]), dim=1)[0]
+        top = probs.topk(len(batched))
+        assert list(batched) == [NAMES[i] for i in top.indices.tolist()]
+        assert list(batched.values()) == pytest.approx(top.values.tolist(), abs=1e-6)
+
+
+def test_topk_and_threads_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    model_dir = make_model_dir(tmp_path, classes=10, topk=7)
+    handler = make_handler(model_dir)
+    assert handler.device == torch.device("cpu")
+    answers, _ = handle(handler, model_dir, [{"body": bytearray(encode(pil_image("RGB"), "PNG"))}])
+    assert len(answers[0]) == 7
+
+    threads_before = torch.get_num_threads()
+    try:
+        ctx = make_context(model_dir, 1)
+        ctx.model_yaml_config = {"minWorkers": 1, "handler": {"torch_threads": 1}}
+        assert handler._torch_threads(ctx) == 1
+        ctx.model_yaml_config = {"minWorkers": 64, "maxWorkers": 64}
+        assert handler._torch_threads(ctx) == 1
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_bad_preprocess_json_fails_at_load(tmp_path):
+    model_dir = make_model_dir(tmp_path, channels=3)
+    pre = json.loads((model_dir / "preprocess.json").read_text())
+    pre["mean"] = [0.5]  # one value for three channels
+    (model_dir / "preprocess.json").write_text(json.dumps(pre))
+    with pytest.raises(ValueError, match="channels/mean/std"):
+        make_handler(model_dir)
+
+
+# ------------------------------------------------------------------------- real TorchServe
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.serve
+def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp_path):
+    """TorchServe 0.12 honours per-request statuses inside one dynamic batch (not only in-process)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("java") is None or not (bin_dir / "torchserve").exists():
+        pytest.skip("needs java and torchserve")
+    model_dir = make_model_dir(tmp_path / "model", channels=3, classes=10)
+    (model_dir / "model-config.yaml").write_text(
+        "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 8\nmaxBatchDelay: 2000\nresponseTimeout: 60\n")
+    store, run, tmp = tmp_path / "store", tmp_path / "run", tmp_path / "tmp"
+    for d in (store, run, tmp):
+        d.mkdir()
+    subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "clf", "--version", "1.0",
+                    "--serialized-file", str(model_dir / "model.pt"), "--handler", str(HANDLER_PATH),
+                    "--extra-files", f"{model_dir / 'index_to_name.json'},{model_dir / 'preprocess.json'}",
+                    "--config-file", str(model_dir / "model-config.yaml"), "--export-path", str(store)],
+                   check=True)
+    inf, mgmt, met, grpc_i, grpc_m = free_ports(5)
+    config = (HANDLER_PATH.parent / "config.properties").read_text()
+    for old, new in [(":8080", f":{inf}"), (":8081", f":{mgmt}"), (":8082", f":{met}"),
+                     ("=7070", f"={grpc_i}"), ("=7071", f"={grpc_m}"), ("/path/to/model-store", str(store))]:
+        assert old in config
+        config = config.replace(old, new)
+    (run / "config.properties").write_text(config)
+    env = dict(os.environ, TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(run / "logs"),
+               METRICS_LOCATION=str(run / "logs"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    start = [str(bin_dir / "torchserve"), "--start", "--ncs", "--ts-config", "config.properties",
+             "--models", "clf=clf.mar"]
+    subprocess.run(start, cwd=run, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                keys = json.loads((run / "key_file.json").read_text())
+                req = urllib.request.Request(f"http://127.0.0.1:{mgmt}/models/clf",
+                                             headers={"Authorization": f"Bearer {keys['management']['key']}"})
+                workers = json.load(urllib.request.urlopen(req, timeout=5))[0]["workers"]
+                if workers and workers[0]["status"] == "READY":
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            assert time.monotonic() < deadline, "TorchServe did not become ready"
+            time.sleep(0.5)
+
+        token = keys["inference"]["key"]
+        png = encode(pil_image("RGB", 40, 30, seed=1), "PNG")
+        cases = [  # (body, content type, expected status)
+            (png, "application/octet-stream", 200),
+            (b"", "application/octet-stream", 400),
+            (b"hello, not an image", "application/octet-stream", 415),
+            (png[: len(png) // 2], "image/png", 400),
+            (b'{"data": ', "application/json", 400),
+            (json.dumps({"data": "!!"}).encode(), "application/json", 400),
+            (png_header_only(20000, 20000), "image/png", 413),
+            (json.dumps({"data": base64.b64encode(png).decode()}).encode(), "application/json", 200),
+        ]
+        results = [None] * len(cases)
+
+        def send(i):
+            body, ctype, _ = cases[i]
+            req = urllib.request.Request(f"http://127.0.0.1:{inf}/predictions/clf", data=body, method="PUT",
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": ctype})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    results[i] = (r.status, r.headers["Content-Type"], json.loads(r.read()))
+            except urllib.error.HTTPError as e:
+                results[i] = (e.code, e.headers["Content-Type"], json.loads(e.read()))
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for (_, _, want), (status, ctype, answer) in zip(cases, results):
+            assert status == want and ctype == "application/json", (want, status, answer)
+            if want == 200:
+                assert len(answer) == 5 and set(answer) <= set(NAMES)
+            else:
+                assert answer["code"] == want and answer["error"]
+        assert results[0][2] == results[7][2]  # same image, raw or base64: same answer
+        # The worker logs each refused request with its position in the batch: some were batched.
+        log = (run / "logs" / "model_log.log").read_text()
+        positions = [int(line.split("request ")[1].split()[0]) for line in log.splitlines() if "(id " in line]
+        assert len(positions) == 6 and max(positions) > 0
+    finally:
+        subprocess.run([str(bin_dir / "torchserve"), "--stop"], cwd=run, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
