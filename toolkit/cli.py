@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-root", type=Path, help="an ImageFolder (class folders) to evaluate on instead of the run's validation set")
 
+    samples = sub.add_parser("samples", help="write validation images of a run as PNG files (to try predict and the server)")
+    samples.add_argument("run_dir", type=Path)
+    samples.add_argument("--out", type=Path, required=True)
+    samples.add_argument("-n", "--count", type=int, default=8)
+
     predict = sub.add_parser("predict", help="top-k classes of image files, from a run or from a server")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run directory (local inference from checkpoints/best)")
@@ -129,6 +134,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_samples(args) -> int:
+    from toolkit.samples import write_samples
+
+    for path in write_samples(args.run_dir, args.out, args.count):
+        print(path)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from toolkit.predict import predict_command
 
@@ -143,7 +156,7 @@ def cmd_serve(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
-            "evaluate": cmd_evaluate, "predict": cmd_predict, "serve": cmd_serve}
+            "evaluate": cmd_evaluate, "samples": cmd_samples, "predict": cmd_predict, "serve": cmd_serve}
 
 
 if __name__ == "__main__":
