@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--model-store", type=Path, required=True)
     start.add_argument("--port", type=int, default=8080, help="inference port; management +1, metrics +2, gRPC +3/+4")
     start.add_argument("--timeout", type=float, default=120)
+    start.add_argument("--state-root", type=Path, help="parent of per-port state directories (default ~/.cache/toolkit/serve)")
     for name in ("stop", "status", "token"):
         cmd = serve_sub.add_parser(name)
         cmd.add_argument("--port", type=int, default=8080)
+        cmd.add_argument("--state-root", type=Path)
     return parser
 
 
@@ -150,9 +152,27 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from toolkit.server import serve_command
+    from toolkit import server
 
-    return serve_command(args)
+    if args.serve_command == "start":
+        info = server.start_server(args.model_store, port=args.port, state_root=args.state_root,
+                                   timeout=args.timeout)
+        print(f"TorchServe ready: {', '.join(info.models)} on {info.inference_url} "
+              f"(management {info.management_url}, metrics {info.metrics_url}; state {info.state_dir})")
+        for model in info.models:
+            print(f"  {info.predictions_url(model)}")
+        print("try:\n  " + server.curl_example(info, "IMAGE.png"))
+        print(f"stop with: toolkit serve stop --port {args.port}")
+    elif args.serve_command == "stop":
+        stopped = server.stop_server(args.port, args.state_root)
+        print(f"stopped TorchServe on port {args.port}" if stopped else f"no TorchServe running on port {args.port}")
+    elif args.serve_command == "status":
+        status = server.server_status(args.port, args.state_root)
+        print(json.dumps(status, indent=2, default=str))
+        return 0 if status.get("running") else 1
+    else:
+        print(server.read_token(args.port, "inference", args.state_root))
+    return 0
 
 
 COMMANDS = {"train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,

@@ -1,0 +1,184 @@
+"""TorchScript export (parity with the eager model) and .mar building, without a server."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from toolkit import archive, export
+from toolkit.checkpoint import save_best
+from toolkit.config import RunConfig
+from toolkit.errors import ToolkitError
+from toolkit.models import build_model
+
+CLASSES = ["cat", "dog", "owl", "yak"]
+
+
+def make_run(run_dir: Path, model_name: str = "mnist_cnn", channels: int = 1, image_size: int = 16,
+             seed: int = 0, serve: dict | None = None, prepare=None) -> Path:
+    """A run directory with a checkpoint of `model_name` (random weights, BatchNorm statistics
+    moved off their defaults by a few training-mode forward passes) and its config.yaml."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, len(CLASSES), channels, image_size)
+    if prepare is not None:
+        model = prepare(model)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, channels, image_size, image_size) * 2 + 0.5)
+    meta = {"model": {"name": model_name, "args": {}}, "num_classes": len(CLASSES), "classes": CLASSES,
+            "channels": channels, "image_size": image_size, "resize": "resize",
+            "mean": [0.5] * channels, "std": [0.25] * channels, "epoch": 1, "val_acc": 0.5}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_best(run_dir, getattr(model, "_orig_mod", model), meta, epoch=1)
+    cfg = RunConfig.model_validate({"serve": serve or {}})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir
+
+
+@pytest.mark.parametrize("model_name, channels, image_size", [("mnist_cnn", 1, 16), ("bn_cnn", 3, 16)])
+def test_export_matches_eager_model(tmp_path, model_name, channels, image_size):
+    run = make_run(tmp_path / "run", model_name, channels, image_size, seed=7, serve={"topk": 3, "max_pixels": 1234})
+    out = export.export_torchscript(run)
+
+    assert out == run / "export"
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.pt", "parity.json", "preprocess.json"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["method"] == "script" and parity["max_abs_diff"] <= 1e-4
+    assert parity["input_shape"] == [4, channels, image_size, image_size]
+    assert json.loads((out / "index_to_name.json").read_text()) == {"0": "cat", "1": "dog", "2": "owl", "3": "yak"}
+    assert json.loads((out / "preprocess.json").read_text()) == {
+        "channels": channels, "image_size": image_size, "resize": "resize", "mean": [0.5] * channels,
+        "std": [0.25] * channels, "topk": 3, "max_pixels": 1234}
+
+    from toolkit.checkpoint import load_best
+
+    eager, _ = load_best(run)
+    scripted = export.load_torchscript(out / "model.pt")
+    images = torch.rand(5, channels, image_size, image_size)
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), eager(images), atol=1e-5)
+        # eval mode was exported: dropout and BatchNorm are deterministic
+        assert torch.equal(scripted(images), scripted(images))
+
+
+def test_topk_argument_overrides_config_and_is_capped(tmp_path):
+    run = make_run(tmp_path / "run", serve={"topk": 2})
+    pre = json.loads((export.export_torchscript(run, topk=10) / "preprocess.json").read_text())
+    assert pre["topk"] == len(CLASSES)
+    with pytest.raises(ToolkitError, match="topk"):
+        export.export_torchscript(run, topk=0)
+
+
+def test_channels_last_and_compiled_training_still_export(tmp_path):
+    def channels_last(model):
+        return model.to(memory_format=torch.channels_last)
+
+    def compiled(model):  # the eager backend: the wrapper without a C compiler run
+        return torch.compile(model, backend="eager")
+
+    for name, prepare in (("cl", channels_last), ("compiled", compiled)):
+        run = make_run(tmp_path / name, "bn_cnn", 3, 16, prepare=prepare)
+        assert (export.export_torchscript(run) / "model.pt").is_file()
+
+
+def test_parity_failure_raises_and_keeps_previous_export(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run")
+    good = export.export_torchscript(run)
+    before = (good / "model.pt").read_bytes()
+
+    real_load = export.load_torchscript
+
+    class Drifted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(images) + 1e-3
+
+    monkeypatch.setattr(export, "load_torchscript", lambda path: Drifted(real_load(path)))
+    with pytest.raises(ToolkitError, match=r"max abs difference of the logits 0\.001"):
+        export.export_torchscript(run)
+    assert (good / "model.pt").read_bytes() == before
+    assert not (run / ".export.tmp").exists()
+
+
+def test_export_needs_a_run_directory(tmp_path):
+    with pytest.raises(ToolkitError, match="config.yaml"):
+        export.export_torchscript(tmp_path)
+    (tmp_path / "config.yaml").write_text("{}\n")
+    with pytest.raises(ToolkitError, match="no checkpoint"):
+        export.export_torchscript(tmp_path)
+
+
+def test_archive_holds_everything_the_handler_reads(tmp_path):
+    run = make_run(tmp_path / "digits-v1", serve={"batch_size": 4, "max_batch_delay_ms": 20, "min_workers": 1,
+                                                   "max_workers": 2, "response_timeout_s": 45})
+    mar = archive.build_archive(run)  # exports first: there is no export/ yet
+
+    assert mar == run / "model-store" / "digits-v1.mar"
+    with zipfile.ZipFile(mar) as zf:
+        names = set(zf.namelist())
+        manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+        handler = zf.read("handler.py")
+    assert names >= {"model.pt", "handler.py", "index_to_name.json", "preprocess.json",
+                     "MAR-INF/MANIFEST.json", "model-config.yaml"}
+    assert manifest["model"]["modelName"] == "digits-v1"
+    assert manifest["model"]["modelVersion"] == "1.0"
+    assert manifest["model"]["handler"] == "handler.py"
+    assert config == {"minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 20, "responseTimeout": 45}
+    assert handler == archive.handler_path().read_bytes()
+
+    again = archive.build_archive(run, name="other_name", version="2.1")  # -f and a second name
+    assert again.name == "other_name.mar" and mar.is_file()
+    assert archive.check_archive(again)["model"]["modelVersion"] == "2.1"
+
+
+def test_archive_rejects_bad_names_and_broken_archives(tmp_path):
+    run = make_run(tmp_path / "run")
+    for bad in ("has space", "-leading", "dots.are.out", "slash/x", ""):
+        with pytest.raises(ToolkitError, match="archive name"):
+            archive.build_archive(run, name=bad)
+    with pytest.raises(ToolkitError, match="archive version"):
+        archive.build_archive(run, version="1 0")
+
+    partial = tmp_path / "partial.mar"
+    with zipfile.ZipFile(partial, "w") as zf:
+        zf.writestr("model.pt", b"x")
+    with pytest.raises(ToolkitError, match="lacks handler.py"):
+        archive.check_archive(partial)
+    (tmp_path / "junk.mar").write_bytes(b"not a zip")
+    with pytest.raises(ToolkitError, match="not a readable model archive"):
+        archive.check_archive(tmp_path / "junk.mar")
+
+
+def test_archiver_scratch_space_cannot_touch_a_run_named_like_the_model(tmp_path, monkeypatch):
+    """torch-model-archiver wipes $TMPDIR/<model name>: a run there must survive."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    run = make_run(tmp_path / "victim")
+    archive.build_archive(run)
+    assert (run / "config.yaml").is_file() and (run / "model-store" / "victim.mar").is_file()
+
+
+def test_unscriptable_model_falls_back_to_trace():
+    class Unscriptable(torch.nn.Module):  # *args: TorchScript cannot compile it, tracing can
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(12, 3)
+
+        def forward(self, *images):
+            return self.linear(images[0].flatten(1))
+
+    model = Unscriptable().eval()
+    example = torch.randn(2, 3, 2, 2)
+    scripted, method = export.to_torchscript(model, example)
+    assert method == "trace"
+    with torch.no_grad():
+        assert torch.allclose(scripted(example), model(example))
