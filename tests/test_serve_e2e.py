@@ -146,6 +146,21 @@ def test_classifies_held_out_png_and_jpeg_files(served):
     assert jpeg_hits >= 8, f"JPEG top-1 right for {jpeg_hits}/10"
 
 
+def test_predict_cli_against_the_server_agrees_with_local_predict(served):
+    info, token, files = served
+    paths = [str(path) for path, _ in files[:6]]
+    remote = run_cli("predict", "--url", info.predictions_url(), "--token", token, "--topk", "3", *paths,
+                     env={"COLUMNS": "200"})
+    assert remote.returncode == 0, remote.stderr
+    from toolkit.predict import predict_files
+
+    run_dir = info.model_store.parent
+    local = predict_files(run_dir, paths, topk=3)
+    for path, answer in zip(paths, local):
+        row = next(line for line in remote.stdout.splitlines() if Path(path).name in line)
+        assert row.split()[1] == list(answer)[0], (row, answer)  # same top-1 class, server vs checkpoint
+
+
 def test_bad_inputs_get_4xx_json_and_the_server_keeps_answering(served):
     info, token, files = served
     url = info.predictions_url()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil  # a dependency of torchserve, whose launcher uses it the same way
 
-from toolkit.client import HOST, parse_json, predict_url, request, send_bytes  # noqa: F401 (TEMP until predict.py moves)
+from toolkit.client import HOST, parse_json, request
 from toolkit.errors import ToolkitError
 
 DEFAULT_STATE_ROOT = Path.home() / ".cache" / "toolkit" / "serve"
