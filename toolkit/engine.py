@@ -6,8 +6,10 @@ main process only (save_state excepted, which every process must call)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,19 +47,36 @@ class RunState:
 
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     t = cfg.train
-    if t.mixed_precision == "fp16" and (t.device == "cpu" or not torch.cuda.is_available()):
-        raise ToolkitError("train.mixed_precision: 'fp16' needs a CUDA GPU (Accelerate would silently run fp32 "
-                           "on this machine); use 'bf16' or 'no'")
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
         log_with="tensorboard" if t.log_with == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
-    world = os.environ.get("WORLD_SIZE")
-    if world is not None and int(world) != accelerator.num_processes:
-        raise ToolkitError(f"WORLD_SIZE is {world} but Accelerate runs {accelerator.num_processes} process(es): the "
-                           "launcher started independent copies. On CPUs use launch/cpu.sh (see launch/README.md).")
-    return accelerator
+
+
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, MPI
+
+
+def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
+    """Refuse, on every process alike, the launches that would otherwise run silently wrong."""
+    problems = []
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        problems.append("train.mixed_precision: 'fp16' needs a CUDA GPU (Accelerate would silently run fp32 on "
+                        "this machine); use 'bf16' or 'no'")
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+        problems.append("model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only (DDP refuses it on the "
+                        "CPU); set model.sync_batchnorm: false")
+    asked = next((int(os.environ[k]) for k in WORLD_SIZE_VARS if os.environ.get(k, "").isdigit()), None)
+    if asked is not None and asked != accelerator.num_processes:
+        problems.append(f"WORLD_SIZE is {asked} but Accelerate runs {accelerator.num_processes} process(es): the "
+                        "launcher started independent copies. On CPUs use launch/cpu.sh (see launch/README.md).")
+    # `accelerate launch --cpu --num_processes N` sets MASTER_ADDR but starts ONE process (it expects mpirun)
+    if (asked is None and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
+        problems.append("accelerate launch --cpu with several processes starts only one (it expects mpirun): use "
+                        "launch/cpu.sh (see launch/README.md). For a single process, unset MASTER_ADDR.")
+    if problems:
+        raise ToolkitError("\n".join(problems))
 
 
 def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
@@ -65,11 +84,17 @@ def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = "yes" if torch.cuda.is_bf16_supported() else "no"
+    elif device.type == "mps":
+        what, bf16 = "mps (Apple GPU)", "yes" if torch.backends.mps.is_macos_or_newer(14, 0) else "no"
     else:
-        what, bf16 = device.type, device.type == "cpu"
+        native = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+        what = f"cpu ({os.cpu_count()} cores, {native or 'default'} kernels)"
+        # bf16 autocast runs on every CPU; only AVX512-BF16/AMX make it fast rather than emulated
+        fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        bf16 = "yes (native)" if fast else "yes (emulated: slow)"
     return (f"processes {accelerator.num_processes} ({accelerator.distributed_type.value}) | device {what} | "
-            f"mixed precision {cfg.train.mixed_precision} | bf16 supported {'yes' if bf16 else 'no'}")
+            f"mixed precision {cfg.train.mixed_precision} | bf16 {bf16}")
 
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
@@ -109,9 +134,18 @@ def train(cfg: RunConfig, console: Console | None = None) -> dict:
     """Run (or resume) the configured training; returns the summary written to summary.json."""
     accelerator = make_accelerator(cfg)
     try:
+        check_launch(cfg, accelerator)
         return _train(cfg, accelerator, console or Console(soft_wrap=True))
     except ToolkitError as exc:
-        exc.quiet = not accelerator.is_main_process  # one message, not one per process
+        if accelerator.num_processes > 1:
+            # Every process raises it (same checks, same data; NonFiniteLoss is agreed by a reduce). The
+            # launcher stops all processes as soon as one exits with an error, which could cut the main
+            # process's message off: the main process reports it first, then all leave together.
+            if accelerator.is_main_process:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            accelerator.wait_for_everyone()
+            exc.quiet = True  # reported once, here
+        accelerator.end_training()
         raise
 
 
@@ -127,16 +161,7 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     bundle = build_data(cfg.data)
     pre, classes = bundle.preprocess, bundle.classes
     set_seed(cfg.train.seed)  # identical initial weights on every process
-    net = build_model(cfg.model.name, len(classes), pre["channels"], pre["image_size"], cfg.model.args,
-                      cfg.model.torchvision_weights)
-    if cfg.model.pretrained_weights:
-        reporter.print(load_pretrained(net, cfg.model.pretrained_weights))
-    if cfg.model.freeze_backbone:
-        freeze_backbone(net)
-    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if cfg.train.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    net = build_network(cfg, len(classes), pre, accelerator.num_processes, reporter.print)
 
     effective_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
     lr = scaled_lr(cfg.optim, effective_batch, cfg.data.batch_size)
@@ -173,6 +198,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
                 cfg, accelerator, forward, net, train_loader, optimizer, scheduler, augment, reporter,
                 epoch, steps_per_epoch, (epoch - 1) * steps_per_epoch)
             val_loss, val_acc, val_samples = evaluate(accelerator, forward, val_loader, augment)
+            if not math.isfinite(val_loss):  # the epoch's last step broke the weights: do not checkpoint them
+                raise non_finite(f"in validation after epoch {epoch}")
             epoch_metrics = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                                  val_acc=val_acc, val_samples=val_samples, lr=scheduler.get_last_lr()[0],
                                  images_per_s=seen / train_s, num_processes=accelerator.num_processes,
@@ -200,7 +227,6 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     except NonFiniteLoss:
         if main:
             write_summary(cfg, accelerator, state, t0, status="non_finite_loss")
-        accelerator.end_training()
         raise
     summary = write_summary(cfg, accelerator, state, t0,
                             status="complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
@@ -208,50 +234,66 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     return summary
 
 
+def build_network(cfg: RunConfig, num_classes: int, pre: dict, num_processes: int, say) -> torch.nn.Module:
+    """The configured model: pretrained weights, frozen backbone, SyncBatchNorm, memory format."""
+    net = build_model(cfg.model.name, num_classes, pre["channels"], pre["image_size"], cfg.model.args,
+                      cfg.model.torchvision_weights)
+    if cfg.model.pretrained_weights:
+        say(load_pretrained(net, cfg.model.pretrained_weights))
+    if cfg.model.freeze_backbone:
+        freeze_backbone(net)
+    if cfg.model.sync_batchnorm and num_processes > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
 def train_epoch(cfg, accelerator, forward, net, loader, optimizer, scheduler, augment, reporter,
                 epoch, steps, global_step):
     """One pass over this process's shard; returns global (all processes) loss, accuracy, images, seconds."""
     train_mode(forward)
-    totals = torch.zeros(3, device=accelerator.device)  # sum of loss * n, correct, n
+    # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only
+    totals = torch.zeros(4, device=accelerator.device)
     reporter.start_epoch(epoch, cfg.train.epochs, len(loader))
     t0 = time.perf_counter()
     for step, (images, labels) in enumerate(loader, start=1):
         with accelerator.accumulate(forward):
             logits = forward(augment(images, train=True))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
-            check_finite(loss, accelerator, epoch, step)
             accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                if cfg.train.clip_grad_norm:
-                    accelerator.clip_grad_norm_(net.parameters(), cfg.train.clip_grad_norm)
+            if accelerator.sync_gradients and cfg.train.clip_grad_norm:
+                accelerator.clip_grad_norm_(net.parameters(), cfg.train.clip_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             if accelerator.sync_gradients:
                 scheduler.step()
                 global_step += 1
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            totals += torch.stack([loss.detach() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=totals.device)])
+            loss = loss.detach()
+            totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
+                                   torch.tensor(len(labels), device=totals.device), (~torch.isfinite(loss)).float()])
         if cfg.train.log_with != "none" and accelerator.sync_gradients:
-            accelerator.log({"Loss/train": loss.item(), "lr": scheduler.get_last_lr()[0]}, step=global_step)
-        if reporter.wants_stats(step):
-            reporter.step(step, int(totals[2]) * accelerator.num_processes, float(totals[0] / totals[2]), float(totals[1] / totals[2]))
-        else:
-            reporter.step(step, 0)
+            accelerator.log({"Loss/train": loss.item(), "lr": lr}, step=global_step)
+        shown = (0,)
+        if step % 10 == 0 or step % cfg.train.log_every == 0 or step == len(loader):  # same steps on every process:
+            loss_sum, correct, seen, bad = accelerator.reduce(totals, reduction="sum").tolist()  # reduce is collective
+            if bad:  # every process sees the same sum, so all stop together; no checkpoint is written
+                raise non_finite(f"at epoch {epoch}, by step {step}")
+            if reporter.wants_stats(step):  # progress of all processes, not process 0's
+                shown = (int(seen), loss_sum / seen, correct / seen)
+        reporter.step(step, *shown)
     reporter.end_epoch()
     elapsed = time.perf_counter() - t0
-    loss_sum, correct, seen = accelerator.reduce(totals, reduction="sum").tolist()
+    loss_sum, correct, seen, _ = accelerator.reduce(totals, reduction="sum").tolist()
     return loss_sum / seen, correct / seen, seen, elapsed
 
 
-def check_finite(loss: torch.Tensor, accelerator: Accelerator, epoch: int, step: int) -> None:
-    """Every process learns that any process saw a non-finite loss, so all stop together."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    if bad.item():
-        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {step}: training stopped on every process. "
-                            "checkpoints/best and checkpoints/last keep the last good epoch. Lower optim.lr, "
-                            "set train.clip_grad_norm, or check the data.")
+def non_finite(where: str) -> NonFiniteLoss:
+    return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
+                         "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
+                         "train.clip_grad_norm, or check the data.")
 
 
 @torch.no_grad()

@@ -27,8 +27,10 @@ def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 def _flat_size(features: nn.Module, channels: int, image_size: int, model: str) -> int:
     """Features' output size for one C x S x S image (follows any input size)."""
     try:
-        with torch.no_grad():
-            return features(torch.zeros(1, channels, image_size, image_size)).flatten(1).shape[1]
+        with torch.no_grad():  # eval: a probe must not move BatchNorm running statistics
+            size = features.eval()(torch.zeros(1, channels, image_size, image_size)).flatten(1).shape[1]
+        features.train()
+        return size
     except RuntimeError as exc:
         raise ToolkitError(f"model {model!r} cannot take {channels}x{image_size}x{image_size} images "
                            f"(data.image_size too small?): {exc}") from None

@@ -1,0 +1,144 @@
+"""Two-process launches for the distributed tests, beyond conftest.accelerate_launch: any launcher
+flags and environment, a launch in the background that a test kills with SIGKILL, and checks that
+no process of a run outlives it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, ROOT
+
+TRAIN = ROOT / "toolkit" / "train.py"
+CPU_SH = ROOT / "launch" / "cpu.sh"
+# launch/cpu.sh with 2 processes of 1 thread; PYTHONUNBUFFERED so a test can follow stdout as the run goes
+CPU_ENV = {"ACCELERATE": str(BIN / "accelerate"), "NUM_PROCESSES": "2", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+EXPLICIT = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", "0")
+
+
+def command(output_dir: Path, name: str, overrides, *, script: Path = TRAIN, script_args=(), launcher=None,
+            config: str = "smoke.yaml") -> list[str]:
+    """launch/cpu.sh, as users run it, for toolkit/train.py; for another script, or other launcher
+    flags, `accelerate launch` with every flag explicit (a default accelerate config is never read)."""
+    args = [*script_args, "--config", config, "--set", f"train.output_dir={output_dir}",
+            "--set", f"train.run_name={name}"]
+    for item in overrides:
+        args += ["--set", item]
+    if script == TRAIN and launcher is None:
+        return [str(CPU_SH), *args]
+    return [str(BIN / "accelerate"), "launch", *(EXPLICIT if launcher is None else launcher), str(script), *args]
+
+
+def _environment(env: dict | None) -> dict:
+    inherited = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE")}
+    return {**inherited, **(CPU_ENV if env is None else env)}
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it in one burst (torchrun starts each worker in a
+    session of its own, so the launcher's process group alone would leave the workers running)."""
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in reversed(tree):  # workers first
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
+
+
+def run(cmd: list[str], env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run a launch to its end; a launch still running after `timeout` (a hang) is killed, workers too."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=_environment(env))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the launch hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+class Background:
+    """A launch running in the background, its output in files, for a test to kill at a moment it picks."""
+
+    def __init__(self, cmd: list[str], log_dir: Path):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
+                                         env=_environment(None))
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def wait_for(self, condition, timeout: float = 120, poll_s: float = 0.002) -> None:
+        """Poll until condition() is true; fail if the run ends or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended (exit {self.proc.returncode}) before the kill point:\n"
+                                     f"{self.stdout()[-2000:]}\n{self.stderr_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("kill point not reached in time")
+            time.sleep(poll_s)
+
+    def kill(self) -> None:
+        kill_tree(self.proc)
+
+
+def processes_of(output_dir: Path) -> list[str]:
+    """Command lines of live processes started for runs under output_dir."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(output_dir) in cmdline and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
+
+
+def load_resume_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """checkpoints/last: the weights (safetensors) and every other file of the resume state load."""
+    last = run_dir / "checkpoints" / "last"
+    for extra in ("optimizer.bin", "scheduler.bin"):
+        torch.load(last / extra, weights_only=True)
+    for rank in (0, 1):
+        assert (last / f"random_states_{rank}.pkl").is_file()  # save_state ran on both processes
+    return load_file(last / "model.safetensors")
+
+
+def load_best_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "best" / "weights.pt", weights_only=True)
+
+
+# 683 images, val_fraction 0.25 -> 171 val (eval batches of 64 + 64 + 43: three batches for two processes,
+# so one process gets a padded duplicate) and 512 train (8 steps of 32 per process and epoch).
+# bn_cnn brings BatchNorm buffers and dropout; crop + flip bring augmentation randomness to restore on resume.
+REFERENCE = ["data.synthetic_samples=683", "model.name=bn_cnn", "data.augment.crop_padding=2",
+             "data.augment.hflip=true", "train.epochs=3"]
+_shared: dict = {}
+
+
+def reference_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The uninterrupted two-process REFERENCE run, launched once per test session for every module that
+    compares against it."""
+    if "reference" not in _shared:
+        out = tmp_path_factory.mktemp("reference")
+        _shared["reference"] = (out / "run", run(command(out, "run", REFERENCE)))
+    run_dir, result = _shared["reference"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result

@@ -1,0 +1,93 @@
+"""Run under `accelerate launch`: train with toolkit.engine.train, then write what THIS process holds
+to OUT/rank<R>.pt, so a test can compare processes from outside.
+
+    accelerate launch ... tests/rank_probe.py OUT --config smoke.yaml --set KEY=VALUE ...
+
+Nothing here changes what the engine does: the spies only keep references to objects the engine
+builds (its data bundle and prepared model) and note the torch RNG state at the first training
+augmentation."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import torch
+
+from toolkit import engine
+from toolkit.config import load_config
+from toolkit.models import train_mode
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _norm_layers(model: torch.nn.Module):
+    model = getattr(model, "module", model)  # DDP wrapper
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def main(out: Path, config: str, overrides: list[str]) -> None:
+    seen: dict = {}
+
+    build_data = engine.build_data
+    def keep_bundle(cfg):
+        seen["bundle"] = build_data(cfg)
+        return seen["bundle"]
+    engine.build_data = keep_bundle
+
+    make_accelerator = engine.make_accelerator
+    def keep_accelerator(cfg):
+        accelerator = make_accelerator(cfg)
+        prepare = accelerator.prepare
+        def keep_model(*objects):
+            prepared = prepare(*objects)
+            if len(objects) > 1:
+                seen.setdefault("model", prepared[0])
+            return prepared
+        accelerator.prepare = keep_model
+        seen["accelerator"] = accelerator
+        return accelerator
+    engine.make_accelerator = keep_accelerator
+
+    augment_forward = engine.BatchAugment.forward
+    def note_rng(self, images, train):
+        if train and "rng_at_first_augment" not in seen:
+            seen["rng_at_first_augment"] = torch.get_rng_state()
+            seen["bn_training"] = {n: m.training for n, m in _norm_layers(seen["model"])}
+        return augment_forward(self, images, train)
+    engine.BatchAugment.forward = note_rng
+
+    engine.train(load_config(config, overrides))
+
+    accelerator, bundle = seen["accelerator"], seen["bundle"]
+    net = accelerator.unwrap_model(seen["model"])
+    # The network the engine builds with model.sync_batchnorm on (DDP refuses SyncBatchNorm on the CPU,
+    # so it cannot train here), in the mode train_mode gives it.
+    synced = engine.build_network(load_config(config, [*overrides, "model.sync_batchnorm=true"]), len(bundle.classes),
+                                  bundle.preprocess, accelerator.num_processes, print)
+    train_mode(synced)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "rank": accelerator.process_index,
+        "num_processes": accelerator.num_processes,
+        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "bn_types": {n: type(m).__name__ for n, m in _norm_layers(net)},
+        "bn_training": seen["bn_training"],  # mode of each BatchNorm while the first batch trained
+        "synced_bn": {n: (type(m).__name__, m.training) for n, m in _norm_layers(synced)},
+        "train_split": _digest(bundle.train.images, bundle.train.labels),
+        "val_split": _digest(bundle.val.images, bundle.val.labels),
+        "rng_at_first_augment": seen["rng_at_first_augment"],
+    }, out / f"rank{accelerator.process_index}.pt")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    config = args[args.index("--config") + 1]
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    main(Path(args[0]), config, sets)

@@ -1,0 +1,74 @@
+"""Guarantee 7: a two-process run killed with SIGKILL at any moment (mid-epoch right after a checkpoint,
+or while a checkpoint is being written, also before the first one) leaves `checkpoints/last` and
+`checkpoints/best` loadable, and `--resume` finishes it with the weights of a run never interrupted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_jsonl
+from launching import (REFERENCE, Background, command, load_best_weights, load_resume_weights, processes_of,
+                       reference_run, run)
+from toolkit.checkpoint import load_best
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _killed_at(tmp_path, name: str, kill_point, resume: bool = True) -> Background:
+    """Launch the REFERENCE run (resumed), SIGKILL it and all its processes at kill_point."""
+    launch = Background(command(tmp_path, "run", [*REFERENCE, *(["train.resume=true"] if resume else [])]),
+                        tmp_path / "logs" / name)
+    try:
+        launch.wait_for(lambda: kill_point(launch))
+    finally:
+        launch.kill()
+    assert processes_of(tmp_path) == []
+    return launch
+
+
+def _epoch_of_last(ckpt) -> int:
+    return json.loads((ckpt / "last" / "trainer_state.json").read_text())["epoch"]
+
+
+def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_factory, tmp_path):
+    reference_dir, _ = reference_run(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+
+    # 1. while epoch 1's resume state is being written: checkpoints/best is complete, there is no last yet
+    _killed_at(tmp_path, "1", lambda _: (ckpt / ".last-e0001.tmp").is_dir(), resume=False)
+    assert (ckpt / ".last-e0001.tmp").is_dir() and not (ckpt / "last").exists()
+    load_best(run_dir)
+    load_best_weights(run_dir)
+
+    # 2. --resume with nothing to resume starts from the beginning, with a notice;
+    #    killed in the middle of epoch 2, right after epoch 1's checkpoint
+    killed = _killed_at(tmp_path, "2", lambda launch: "epoch 2/3 step 5/8" in launch.stdout())
+    assert "has no complete checkpoint to resume: starting from the beginning" in killed.stdout()
+    assert _epoch_of_last(ckpt) == 1
+    load_resume_weights(run_dir)
+    load_best_weights(run_dir)
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+
+    # 3. resumed after epoch 1; killed while epoch 2's resume state is being written
+    killed = _killed_at(tmp_path, "3", lambda _: (ckpt / ".last-e0002.tmp").is_dir())
+    assert f"resumed {run_dir} after epoch 1" in killed.stdout()
+    assert (ckpt / "last").resolve().name == "last-e0001" and _epoch_of_last(ckpt) == 1
+    load_resume_weights(run_dir)
+    load_best_weights(run_dir)
+
+    # 4. resumed after epoch 1 again (epoch 2's metrics line, written before the kill, is dropped); to the end
+    result = run(command(tmp_path, "run", [*REFERENCE, "train.resume=true"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {run_dir} after epoch 1" in result.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["epochs_completed"] == 3
+    assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    for mine, reference in ((load_resume_weights(run_dir), load_resume_weights(reference_dir)),
+                            (load_best_weights(run_dir), load_best_weights(reference_dir))):
+        assert mine.keys() == reference.keys()
+        assert all((mine[k] == reference[k]).all() for k in mine)
+    leftovers = {p.name for p in ckpt.iterdir()} - {"best", "last", "last-e0003", f"best-e{summary['best_epoch']:04d}"}
+    assert not leftovers  # the half-written directories of the killed runs are gone
