@@ -4,12 +4,13 @@ the evaluation preprocessing, and batch-level augmentation + normalisation on th
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from toolkit.config import DataConfig
 from toolkit.errors import ToolkitError
@@ -71,12 +72,28 @@ class EpochShuffle(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return torch.randperm(self.size, generator=generator)
+
+    def __iter__(self):
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
         return self.size
+
+
+class SliceBatches(BatchSampler):
+    """The batches of BatchSampler(sampler, batch_size, drop_last), cut from one index tensor per
+    epoch instead of collected index by index in Python. Yields lists (Accelerate's sharding pads
+    a short last batch by list concatenation); `sampler.set_epoch` still reaches the sampler."""
+
+    def __iter__(self):
+        order = self.sampler.order() if hasattr(self.sampler, "order") else torch.arange(len(self.sampler))
+        for batch in order.split(self.batch_size):
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield batch.tolist()
 
 
 @dataclass
@@ -139,15 +156,23 @@ def _choose_pipeline(cfg: DataConfig, nbytes: int) -> str:
 
 
 def _conform(images: torch.Tensor, channels: int, size: int, policy: str) -> torch.Tensor:
-    """uint8 N x C x H x W -> N x channels x size x size, converting channels as PIL would."""
-    if images.shape[1] == 3 and channels == 1:
-        # PIL's "RGB" -> "L": L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, bit-exact
-        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
-        images = ((images.int() * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
-    elif images.shape[1] == 1 and channels == 3:
-        images = images.expand(-1, 3, -1, -1)
-    chunks = [resize_uint8(chunk, size, policy) for chunk in images.split(4096)]
-    return torch.cat(chunks).contiguous()
+    """uint8 N x C x H x W -> N x channels x size x size, converting channels as PIL would.
+
+    Works through chunks into one preallocated uint8 tensor: the only other copy alive is the
+    input, and none when nothing changes (never a float or int32 copy of the whole set)."""
+    if images.shape[1:] == (channels, size, size):
+        return images.contiguous()
+    out = torch.empty((len(images), channels, size, size), dtype=torch.uint8)
+    for start in range(0, len(images), 4096):
+        chunk = images[start:start + 4096]
+        if chunk.shape[1] == 3 and channels == 1:
+            # PIL's "RGB" -> "L": L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, bit-exact
+            weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1)
+            chunk = ((chunk.int() * weights).sum(1, keepdim=True) + 0x8000).bitwise_right_shift(16).to(torch.uint8)
+        elif chunk.shape[1] == 1 and channels == 3:
+            chunk = chunk.expand(-1, 3, -1, -1)
+        out[start:start + len(chunk)] = resize_uint8(chunk, size, policy)
+    return out
 
 
 def _synthetic(cfg: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -158,8 +183,14 @@ def _synthetic(cfg: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tens
     prototypes = nn.functional.interpolate(prototypes, size=(size, size), mode="bilinear", align_corners=False)
     labels = torch.arange(cfg.synthetic_samples) % cfg.num_classes
     labels = labels[torch.randperm(len(labels), generator=generator)]
-    noise = torch.randn(len(labels), channels, size, size, generator=generator) * 0.6
-    images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    images = torch.empty((len(labels), channels, size, size), dtype=torch.uint8)
+    # Chunks of about 1 M values (a multiple of 16 images keeps the random stream of one call):
+    # the float temporaries stay a few MB, never a float copy of the whole set.
+    step = max(16, 2**20 // (channels * size * size) // 16 * 16)
+    for start in range(0, len(labels), step):
+        chunk = labels[start:start + step]
+        noisy = torch.randn(len(chunk), channels, size, size, generator=generator).mul_(0.6).add_(prototypes[chunk])
+        images[start:start + len(chunk)] = noisy.clamp_(0, 1).mul_(255).round_()  # copy_ truncates to uint8
     return images, labels, [f"class_{i}" for i in range(cfg.num_classes)]
 
 
@@ -215,24 +246,34 @@ def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
 
 
 def _decode_all(files: FileImages) -> TensorImages:
-    """Decode every file once, with DataLoader workers, into one uint8 tensor."""
-    loader = DataLoader(files, batch_size=256, num_workers=min(4, len(files) // 256), shuffle=False)
-    images, labels = zip(*loader) if len(files) else ((), ())
-    return TensorImages(torch.cat(images), torch.cat(labels).long())
+    """Decode every file once, with a worker per core, into one preallocated uint8 tensor."""
+    pre = files.pre
+    images = torch.empty((len(files), pre["channels"], pre["image_size"], pre["image_size"]), dtype=torch.uint8)
+    labels = torch.empty(len(files), dtype=torch.long)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    loader = DataLoader(files, batch_size=256, num_workers=min(cores, len(files) // 256), shuffle=False)
+    start = 0
+    for batch_images, batch_labels in loader:
+        images[start:start + len(batch_labels)] = batch_images
+        labels[start:start + len(batch_labels)] = batch_labels
+        start += len(batch_labels)
+    return TensorImages(images, labels)
 
 
 def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
     """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
-    sampler = EpochShuffle(len(bundle.train), seed)
+    sampler = EpochShuffle(len(bundle.train), seed)  # one index tensor per batch: no per-sample Python
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
     if bundle.in_memory:  # the batch is one tensor index: workers would only add copies
         common = dict(num_workers=0, collate_fn=_pass_through)
     else:
         common = dict(num_workers=cfg.num_workers, pin_memory=pin_memory,
                       persistent_workers=cfg.num_workers > 0,
-                      prefetch_factor=4 if cfg.num_workers > 0 else None)
-    train = DataLoader(bundle.train, batch_size=cfg.batch_size, sampler=sampler, **common)
-    val = DataLoader(bundle.val, batch_size=eval_batch, shuffle=False, **common)
+                      prefetch_factor=4 if cfg.num_workers > 0 else None,
+                      # workers' seeds from here, not from the global RNG: a resumed run draws the same
+                      generator=torch.Generator().manual_seed(seed))
+    train = DataLoader(bundle.train, batch_sampler=SliceBatches(sampler, cfg.batch_size, False), **common)
+    val = DataLoader(bundle.val, batch_sampler=SliceBatches(SequentialSampler(bundle.val), eval_batch, False), **common)
     return train, val
 
 

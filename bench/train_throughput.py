@@ -1,0 +1,309 @@
+"""Training throughput: the MNIST guide's plain loop against the toolkit's engine, in one run.
+
+Both sides train the same model (mnist_cnn) on the same 28x28 grayscale PNG files, batch 128, for
+the same epochs, with the same torch thread count, each in its own process:
+
+  plain    the MNIST guide as a user writes it for an image folder: ImageFolder of PIL images,
+           ToTensor + Normalize, DataLoader(shuffle=True, num_workers=2), the guide's train/test
+           loop (fp32, contiguous tensors).
+  toolkit  `toolkit train` on the same folder (data.name: imagefolder): the files are decoded once
+           into a uint8 tensor, batches are normalised on the device, with the fast settings of
+           this machine (bf16 autocast where the CPU has native bf16, channels_last).
+
+The images are made here, offline: scikit-learn's 1,797 real 8x8 digits, upscaled to a 20x20
+digit in a 28x28 frame (as MNIST is), with random shift, rotation, scale and noise. Validation
+images come from digits never used for training. Prints one table: images/s (training passes
+only, mean over epochs), final validation accuracy, peak memory and wall time per side.
+
+    python bench/train_throughput.py                 # about 2 minutes on 2 cores
+    python bench/train_throughput.py --epochs 5 --train-variants 12 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MEAN, STD = (0.1307,), (0.3081,)  # the MNIST guide's Normalize
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_digit_folder(root: Path, train_variants: int, val_variants: int, val_digits: int, seed: int = 0) -> tuple[int, int]:
+    """root/train/<digit>/*.png and root/val/<digit>/*.png; returns (train, val) image counts.
+
+    Each of scikit-learn's 8x8 digits becomes a 20x20 digit centred in a 28x28 frame (as in
+    MNIST), then variants of it: rotated up to 10 degrees, scaled up to 8%, shifted up to 2 pixels,
+    with Gaussian noise. `val_digits` of the originals are seen only in val/."""
+    import torch
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from torch.nn import functional as F
+
+    marker = root / "made.json"
+    wanted = {"train_variants": train_variants, "val_variants": val_variants, "val_digits": val_digits, "seed": seed,
+              "version": 3}
+    if marker.is_file() and json.loads(marker.read_text()).get("spec") == wanted:
+        return tuple(json.loads(marker.read_text())["counts"])
+    shutil.rmtree(root, ignore_errors=True)
+    digits = load_digits()
+    generator = torch.Generator().manual_seed(seed)
+    held_out = torch.zeros(len(digits.target), dtype=torch.bool)
+    held_out[torch.randperm(len(held_out), generator=generator)[:val_digits]] = True
+    frames = torch.zeros(len(held_out), 1, 28, 28)
+    frames[:, :, 4:24, 4:24] = F.interpolate(torch.from_numpy(digits.images).float().unsqueeze(1) / 16, size=(20, 20),
+                                             mode="bilinear", antialias=True)
+    counts = {}
+    for split, mask, variants in (("train", ~held_out, train_variants), ("val", held_out, val_variants)):
+        originals, labels = frames[mask].repeat(variants, 1, 1, 1), torch.from_numpy(digits.target)[mask].repeat(variants)
+        n = len(labels)
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * torch.pi * 10 / 180
+        scale = 1 + (torch.rand(n, generator=generator) * 2 - 1) * 0.08
+        shift = torch.randint(-2, 3, (n, 2), generator=generator) * (2 / 28)  # pixels -> grid units
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, -shift[:, 0]], 1), torch.stack([sin, cos, -shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(originals.shape), align_corners=False)
+        images = F.grid_sample(originals, grid, align_corners=False) * 255
+        images = (images + torch.randn(images.shape, generator=generator) * 10).clamp(0, 255).round().to(torch.uint8)
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy(), mode="L").save(folder / f"{i:05d}.png")
+        counts[split] = n
+    marker.write_text(json.dumps({"spec": wanted, "counts": [counts["train"], counts["val"]]}))
+    return counts["train"], counts["val"]
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def load_gray(path: str):
+    """ImageFolder's loader for grayscale files (its default converts to RGB)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        return Image.open(f).convert("L")
+
+
+def plain_side(args) -> dict:
+    """The MNIST guide's loop on an ImageFolder, run in a child process; returns its figures."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from toolkit.models import build_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    train_set = datasets.ImageFolder(str(args.data / "train"), transform=transform, loader=load_gray)
+    val_set = datasets.ImageFolder(str(args.data / "val"), transform=transform, loader=load_gray)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+    val_loader = DataLoader(val_set, batch_size=1000, num_workers=args.workers)
+    model = build_model("mnist_cnn", len(train_set.classes), 1, 28)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
+    rates, val_acc = [], 0.0
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0, seen = time.perf_counter(), 0
+        for data, target in train_loader:
+            optimizer.zero_grad()
+            output = model(data)
+            loss = F.cross_entropy(output, target)
+            loss.backward()
+            optimizer.step()
+            seen += len(target)
+        rates.append(seen / (time.perf_counter() - t0))
+        scheduler.step()
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for data, target in val_loader:
+                correct += (model(data).argmax(1) == target).sum().item()
+        val_acc = correct / len(val_set)
+        print(f"plain   epoch {epoch}: {rates[-1]:,.0f} img/s, val acc {val_acc:.2%}", flush=True)
+    return {"images_per_s": sum(rates) / len(rates), "val_acc": val_acc, "settings": "fp32, contiguous"}
+
+
+def toolkit_settings(args) -> list[str]:
+    """The toolkit run's overrides: same data, model, batch, epochs, threads; then fast settings."""
+    same = [f"data.root={args.data}", "data.channels=1", "data.image_size=28", f"data.mean={list(MEAN)}",
+            f"data.std={list(STD)}", f"data.batch_size={args.batch_size}", "model.name=mnist_cnn",
+            "optim.name=adam", f"optim.lr={args.lr}", "schedule.name=step", "schedule.step_epochs=1",
+            f"schedule.gamma={args.gamma}", f"train.epochs={args.epochs}", f"train.num_threads={args.threads}",
+            f"train.seed={args.seed}"]
+    return same + list(args.toolkit_set)
+
+
+def native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    import torch
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if caps:
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(probe and probe())
+
+
+def toolkit_side(args, work: Path) -> tuple[list[str], Path]:
+    """The `toolkit train` command line of the toolkit side, and its run directory."""
+    config = work / "bench_train.yaml"
+    config.write_text("data:\n  name: imagefolder\n")
+    cmd = [str(BIN / "toolkit"), "train", "--config", str(config), "--set", f"train.output_dir={work}",
+           "--set", "train.run_name=toolkit", "--set", "train.overwrite=true", "--set", "train.log_every=1000"]
+    for item in toolkit_settings(args):
+        cmd += ["--set", item]
+    return cmd, work / "toolkit"
+
+
+# ---------------------------------------------------------------- measuring a child process
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (every process, every core)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def run_measured(cmd: list[str], env: dict) -> dict:
+    """Run cmd; wall seconds, peak RSS of its largest process (wait4), the peak summed PSS of the
+    process and its children (sampled every 0.2 s; PSS splits pages shared after fork), and the
+    share of the machine's CPU that other processes took meanwhile (they distort the figures)."""
+    import psutil
+
+    busy0 = busy_cpu_s()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    peak_pss, done = [0], threading.Event()
+
+    def sample():
+        parent = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                total = sum(p.memory_full_info().pss for p in [parent, *parent.children(recursive=True)])
+                peak_pss[0] = max(peak_pss[0], total)
+            except psutil.Error:
+                pass
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    others = busy_cpu_s() - busy0 - usage.ru_utime - usage.ru_stime
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed with exit code {proc.returncode}")
+    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "peak_pss_mb": peak_pss[0] / 2**20,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "others_cpu": max(0.0, others) / (wall * psutil.cpu_count())}
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gamma", type=float, default=0.7, help="the guide's StepLR: lr x gamma after every epoch")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on both sides")
+    p.add_argument("--workers", type=int, default=2, help="the plain loop's DataLoader workers")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--val-digits", type=int, default=400, help="of the 1,797 digits, how many only validation sees")
+    p.add_argument("--train-variants", type=int, default=7, help="images made from each training digit")
+    p.add_argument("--val-variants", type=int, default=6, help="images made from each held-out digit")
+    p.add_argument("--data", type=Path, help="where the PNG folder is made (default: a temporary directory)")
+    p.add_argument("--sides", default="plain,toolkit", help="comma-separated: plain, toolkit")
+    p.add_argument("--toolkit-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="settings of the toolkit side (default: this machine's fast settings)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--child", choices=["plain"], help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child == "plain":
+        args.result.write_text(json.dumps(plain_side(args)))
+        return 0
+    if args.toolkit_set is None:
+        args.toolkit_set = ["train.channels_last=true"] + (["train.mixed_precision=bf16"] if native_bf16() else [])
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    args.data = (args.data or work / "digits28").resolve()
+    try:
+        t0 = time.perf_counter()
+        n_train, n_val = make_digit_folder(args.data, args.train_variants, args.val_variants, args.val_digits)
+        print(f"data: {n_train} train / {n_val} val PNG files, 1x28x28, in {args.data} "
+              f"({time.perf_counter() - t0:.1f} s to make)")
+        print(f"both sides: mnist_cnn, batch {args.batch_size}, adam lr {args.lr:g} x {args.gamma:g} per epoch, "
+              f"{args.epochs} epochs, "
+              f"{args.threads} torch threads, seed {args.seed}\n", flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        results = {}
+        for side in args.sides.split(","):
+            if side == "plain":
+                out = work / "plain.json"
+                cmd = [sys.executable, __file__, "--child", "plain", "--result", str(out), "--data", str(args.data),
+                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                       "--gamma", str(args.gamma),
+                       "--threads", str(args.threads), "--workers", str(args.workers), "--seed", str(args.seed)]
+                measured = run_measured(cmd, env)
+                results[side] = {**json.loads(out.read_text()), **measured,
+                                 "settings": f"fp32, contiguous, DataLoader {args.workers} workers"}
+            elif side == "toolkit":
+                cmd, run_dir = toolkit_side(args, work)
+                print("toolkit: " + " ".join(args.toolkit_set), flush=True)
+                measured = run_measured(cmd, env)
+                summary = json.loads((run_dir / "summary.json").read_text())
+                results[side] = {"images_per_s": summary["train_images_per_s"], "val_acc": summary["final_val_acc"],
+                                 **measured, "settings": ", ".join(args.toolkit_set) or "defaults"}
+            else:
+                raise SystemExit(f"--sides: unknown side {side!r} (plain, toolkit)")
+            print(flush=True)
+        print_table(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print(f"{'side':<8} {'images/s':>9} {'val acc':>8} {'peak RSS MB':>12} {'peak PSS MB':>12} {'wall s':>7} "
+          f"{'CPU s':>6} {'others':>6}  settings")
+    for side, r in results.items():
+        print(f"{side:<8} {r['images_per_s']:>9,.0f} {r['val_acc']:>8.2%} {r['peak_rss_mb']:>12,.0f} "
+              f"{r['peak_pss_mb']:>12,.0f} {r['wall_s']:>7.1f} {r['cpu_s']:>6.0f} {r['others_cpu']:>6.0%}  {r['settings']}")
+    if {"plain", "toolkit"} <= results.keys():
+        plain, fast = results["plain"], results["toolkit"]
+        print(f"\ntoolkit / plain: {fast['images_per_s'] / plain['images_per_s']:.2f}x images/s, "
+              f"{fast['wall_s'] / plain['wall_s']:.2f}x wall time, "
+              f"val acc difference {100 * (fast['val_acc'] - plain['val_acc']):+.2f} points")
+    print("peak RSS: the largest single process; peak PSS: the process and its DataLoader workers together; "
+          "CPU s: user + system time of the side's processes; others: the machine's CPU other processes took")
+    if any(r["others_cpu"] > 0.1 for r in results.values()):
+        print("WARNING: other processes took over 10% of the CPU during a side: its figures are not this machine's")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
