@@ -149,7 +149,7 @@ def test_classifies_held_out_png_and_jpeg_files(served):
 def test_predict_cli_against_the_server_agrees_with_local_predict(served):
     info, token, files = served
     paths = [str(path) for path, _ in files[:6]]
-    remote = run_cli("predict", "--url", info.predictions_url(), "--token", token, "--topk", "3", *paths,
+    remote = run_cli("predict", "--url", info.predictions_url(), f"--token={token}", "--topk", "3", *paths,
                      env={"COLUMNS": "200"})
     assert remote.returncode == 0, remote.stderr
     from toolkit.predict import predict_files

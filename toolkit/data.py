@@ -264,14 +264,15 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bo
     """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
     sampler = EpochShuffle(len(bundle.train), seed)  # one index tensor per batch: no per-sample Python
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
+    # Iterators take their seeds from this generator, never from the global RNG (which drives the
+    # augmentation): both pipelines, and a resumed run, then draw the same augmentation stream.
+    generator = torch.Generator().manual_seed(seed)
     if bundle.in_memory:  # the batch is one tensor index: workers would only add copies
-        common = dict(num_workers=0, collate_fn=_pass_through)
+        common = dict(num_workers=0, collate_fn=_pass_through, generator=generator)
     else:
         common = dict(num_workers=cfg.num_workers, pin_memory=pin_memory,
                       persistent_workers=cfg.num_workers > 0,
-                      prefetch_factor=4 if cfg.num_workers > 0 else None,
-                      # workers' seeds from here, not from the global RNG: a resumed run draws the same
-                      generator=torch.Generator().manual_seed(seed))
+                      prefetch_factor=4 if cfg.num_workers > 0 else None, generator=generator)
     train = DataLoader(bundle.train, batch_sampler=SliceBatches(sampler, cfg.batch_size, False), **common)
     val = DataLoader(bundle.val, batch_sampler=SliceBatches(SequentialSampler(bundle.val), eval_batch, False), **common)
     return train, val
