@@ -112,3 +112,17 @@ def test_batch_augment_flip_and_normalise():
     mirrored = [torch.equal(flipped[i], plain[i].flip(-1)) for i in range(64)]
     assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
     assert torch.equal(BatchAugment(pre, crop_padding=2, hflip=True)(images, train=False), plain)
+
+
+def test_tensor_source_too_big_at_model_size_is_resized_per_batch():
+    # digits at 224 would be 90 MB: over a 1 MB limit they stay 8x8 and are resized a batch at a time
+    from toolkit.preprocess import resize_uint8
+
+    native = build_data(DataConfig(name="digits"))
+    big = build_data(DataConfig(name="digits", image_size=224, memory_limit_mb=1))
+    assert big.train.images.shape[1:] == (1, 8, 8) and big.train.resize == (224, "resize")
+    images, labels = big.train.__getitems__([0, 5, 9])
+    assert images.shape == (3, 1, 224, 224) and images.dtype == torch.uint8
+    assert torch.equal(images, resize_uint8(native.train.images[[0, 5, 9]], 224, "resize"))
+    assert torch.equal(big.val[0][0], resize_uint8(native.val.images[0], 224, "resize"))
+    assert build_data(DataConfig(name="digits", image_size=224)).train.resize is None  # fits: resized once

@@ -29,20 +29,26 @@ TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CI
 
 
 class TensorImages(Dataset):
-    """uint8 images N x C x S x S and labels N, fetched a whole batch per index (no per-sample work)."""
+    """uint8 images N x C x H x W and labels N, fetched a whole batch per index (no per-sample work).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    With `resize` (size, policy), images are kept at their own size and resized a batch at a time:
+    for sets that would not fit in memory at the model's size (CIFAR at 224 would be 9 GB)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resize: tuple[int, str] | None = None):
+        self.images, self.labels, self.resize = images, labels, resize
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _sized(self, images: torch.Tensor) -> torch.Tensor:
+        return images if self.resize is None else resize_uint8(images, *self.resize)
+
     def __getitem__(self, index: int):
-        return self.images[index], self.labels[index]
+        return self._sized(self.images[index]), self.labels[index]
 
     def __getitems__(self, indices: list[int]):
         index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+        return self._sized(self.images[index]), self.labels[index]
 
 
 class FileImages(Dataset):
@@ -134,12 +140,16 @@ def build_data(cfg: DataConfig) -> DataBundle:
     if val_images is None:
         train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
         images, labels, val_images, val_labels = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
-    pipeline = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size)
-    if pipeline == "loader":  # tensor sources are small by nature; keep them as tensors all the same
-        pipeline = "memory"
-    train = TensorImages(_conform(images, channels, size, cfg.resize), labels)
-    val = TensorImages(_conform(val_images, channels, size, cfg.resize), val_labels)
-    return DataBundle(train, val, classes, pre, pipeline)
+    fits = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size) == "memory"
+    native = images.shape[-1]
+    if fits or images.shape[-2] != native or native >= size:
+        train = TensorImages(_conform(images, channels, size, cfg.resize), labels)
+        val = TensorImages(_conform(val_images, channels, size, cfg.resize), val_labels)
+    else:  # too big at the model's size: keep the source size (uint8) and resize batch by batch
+        lazy = (size, cfg.resize)
+        train = TensorImages(_conform(images, channels, native, "resize"), labels, resize=lazy)
+        val = TensorImages(_conform(val_images, channels, native, "resize"), val_labels, resize=lazy)
+    return DataBundle(train, val, classes, pre, "memory")
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

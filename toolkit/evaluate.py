@@ -62,8 +62,10 @@ def run_validation_set(run_dir: Path, meta: dict) -> tuple[EvalSet, int]:
     val = bundle.val
     description = f"the validation set of {run_dir} ({cfg.data.name})"
     batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size  # as in training: the same arithmetic
-    if isinstance(val, TensorImages):
+    if isinstance(val, TensorImages) and val.resize is None:
         return EvalSet(val.labels.long(), description, images=val.images), batch
+    if isinstance(val, TensorImages):  # resized batch by batch: take them at the model's size once
+        return EvalSet(val.labels.long(), description, images=val[:][0]), batch
     if not isinstance(val, FileImages):
         raise TypeError(f"unexpected validation dataset {type(val).__name__}")
     files, labels = zip(*val.samples) if len(val.samples) else ((), ())
