@@ -13,14 +13,17 @@ batch size, batch delay):
            for one epoch on synthetic images (weights do not change the cost of a request).
 
 The requests are real JPEG and PNG files: crops of the two photos scikit-learn ships (640x427),
-sized 240..640 pixels wide. A bounded load (N requests, C concurrent keep-alive connections,
-loopback only, a time limit per phase) is sent with and without dynamic batching; each phase
-prints requests/s, p50/p95/p99 latency and errors. TorchServe's own metrics give the server-side
-time of a request; timing the handlers' preprocess/inference/postprocess in this process on the
-same files gives the share of pre- plus post-processing at batch 1.
+240..640 pixels wide. For each worker count (default: 1, and one per core, which is TorchServe's
+own default) one server holds four models: ours and builtin, each without dynamic batching
+(batch 1) and with it (batch 8, 5 ms delay). A bounded load (N requests, C concurrent keep-alive
+connections, loopback only, a time limit per phase, the two handlers taking turns in rounds) gives
+requests/s, p50/p95/p99 latency at the client and errors; TorchServe's own metrics give the
+server-side time of a request (ts_inference_latency_microseconds) and of each handle() call
+(PredictionTime). Timing the handlers' preprocess/inference/postprocess in this process on the same
+files gives the share of pre- plus post-processing in a request at batch 1.
 
     python bench/serve_load.py                        # about 3 minutes
-    python bench/serve_load.py --requests 2000 --concurrency 16 --workers 2 --model resnet18
+    python bench/serve_load.py --requests 2000 --concurrency 16 --workers 1,2,4 --model resnet18
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import importlib.util
-import io
 import itertools
 import json
 import os

@@ -1,22 +1,25 @@
 """Training throughput: the MNIST guide's plain loop against the toolkit's engine, in one run.
 
-Both sides train the same model (mnist_cnn) on the same 28x28 grayscale PNG files, batch 128, for
-the same epochs, with the same torch thread count, each in its own process:
+Both sides train the same model (mnist_cnn) on the same 28x28 grayscale PNG files, batch 128,
+Adam 1e-3 decayed x0.7 after each epoch (the guide's StepLR), for the same epochs, with the same
+torch thread count, each in its own process:
 
   plain    the MNIST guide as a user writes it for an image folder: ImageFolder of PIL images,
            ToTensor + Normalize, DataLoader(shuffle=True, num_workers=2), the guide's train/test
            loop (fp32, contiguous tensors).
   toolkit  `toolkit train` on the same folder (data.name: imagefolder): the files are decoded once
-           into a uint8 tensor, batches are normalised on the device, with the fast settings of
-           this machine (bf16 autocast where the CPU has native bf16, channels_last).
+           into a uint8 tensor, batches are normalised on the device, with this machine's fast
+           settings (channels_last; bf16 autocast where the CPU computes bf16 natively).
 
-The images are made here, offline: scikit-learn's 1,797 real 8x8 digits, upscaled to a 20x20
-digit in a 28x28 frame (as MNIST is), with random shift, rotation, scale and noise. Validation
-images come from digits never used for training. Prints one table: images/s (training passes
-only, mean over epochs), final validation accuracy, peak memory and wall time per side.
+The images are made here, offline: scikit-learn's 1,797 real 8x8 digits, each drawn as a 20x20
+digit in a 28x28 frame (as MNIST is), in variants with random rotation, scale, shift and noise.
+400 of the digits are held out: validation sees only their variants. Prints one table: images/s
+(training passes only, mean over epochs), final validation accuracy, peak memory, wall and CPU
+time per side, and how much CPU other processes took meanwhile (they distort the figures).
 
-    python bench/train_throughput.py                 # about 2 minutes on 2 cores
-    python bench/train_throughput.py --epochs 5 --train-variants 12 --threads 4
+    python bench/train_throughput.py                       # about 2 minutes on 2 cores
+    python bench/train_throughput.py --seeds 42,1,2,3      # means over seeds (accuracy noise)
+    python bench/train_throughput.py --epochs 10 --threads 4 --train-variants 12
 """
 
 from __future__ import annotations
@@ -138,13 +141,13 @@ def plain_side(args) -> dict:
     return {"images_per_s": sum(rates) / len(rates), "val_acc": val_acc, "settings": "fp32, contiguous"}
 
 
-def toolkit_settings(args) -> list[str]:
+def toolkit_settings(args, seed: int) -> list[str]:
     """The toolkit run's overrides: same data, model, batch, epochs, threads; then fast settings."""
     same = [f"data.root={args.data}", "data.channels=1", "data.image_size=28", f"data.mean={list(MEAN)}",
             f"data.std={list(STD)}", f"data.batch_size={args.batch_size}", "model.name=mnist_cnn",
             "optim.name=adam", f"optim.lr={args.lr}", "schedule.name=step", "schedule.step_epochs=1",
             f"schedule.gamma={args.gamma}", f"train.epochs={args.epochs}", f"train.num_threads={args.threads}",
-            f"train.seed={args.seed}"]
+            f"train.seed={seed}"]
     return same + list(args.toolkit_set)
 
 
@@ -159,13 +162,13 @@ def native_bf16() -> bool:
     return bool(probe and probe())
 
 
-def toolkit_side(args, work: Path) -> tuple[list[str], Path]:
+def toolkit_side(args, seed: int, work: Path) -> tuple[list[str], Path]:
     """The `toolkit train` command line of the toolkit side, and its run directory."""
     config = work / "bench_train.yaml"
     config.write_text("data:\n  name: imagefolder\n")
     cmd = [str(BIN / "toolkit"), "train", "--config", str(config), "--set", f"train.output_dir={work}",
            "--set", "train.run_name=toolkit", "--set", "train.overwrite=true", "--set", "train.log_every=1000"]
-    for item in toolkit_settings(args):
+    for item in toolkit_settings(args, seed):
         cmd += ["--set", item]
     return cmd, work / "toolkit"
 
@@ -221,13 +224,14 @@ def run_measured(cmd: list[str], env: dict) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--gamma", type=float, default=0.7, help="the guide's StepLR: lr x gamma after every epoch")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on both sides")
     p.add_argument("--workers", type=int, default=2, help="the plain loop's DataLoader workers")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated; each side trains once per seed, figures are means")
+    p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     p.add_argument("--val-digits", type=int, default=400, help="of the 1,797 digits, how many only validation sees")
     p.add_argument("--train-variants", type=int, default=7, help="images made from each training digit")
     p.add_argument("--val-variants", type=int, default=6, help="images made from each held-out digit")
@@ -241,6 +245,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def run_side(side: str, args, seed: int, work: Path, env: dict) -> dict:
+    """One training run of one side with one seed, in its own process; its figures."""
+    if side == "plain":
+        out = work / "plain.json"
+        cmd = [sys.executable, __file__, "--child", "plain", "--result", str(out), "--data", str(args.data),
+               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+               "--gamma", str(args.gamma), "--threads", str(args.threads), "--workers", str(args.workers),
+               "--seed", str(seed)]
+        measured = run_measured(cmd, env)
+        return {**json.loads(out.read_text()), **measured, "settings": f"fp32, contiguous, DataLoader {args.workers} workers"}
+    if side == "toolkit":
+        cmd, run_dir = toolkit_side(args, seed, work)
+        print("toolkit: " + " ".join(args.toolkit_set), flush=True)
+        measured = run_measured(cmd, env)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return {"images_per_s": summary["train_images_per_s"], "val_acc": summary["final_val_acc"], **measured,
+                "settings": ", ".join(args.toolkit_set) or "defaults"}
+    raise SystemExit(f"--sides: unknown side {side!r} (plain, toolkit)")
+
+
+def combine(runs: list[dict]) -> dict:
+    """Several seeds of one side: mean rate and accuracy, peak memory, summed time."""
+    mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    return {"images_per_s": mean("images_per_s"), "val_acc": mean("val_acc"), "val_accs": [r["val_acc"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "peak_pss_mb": max(r["peak_pss_mb"] for r in runs),
+            "wall_s": mean("wall_s"), "cpu_s": mean("cpu_s"), "others_cpu": max(r["others_cpu"] for r in runs),
+            "settings": runs[0]["settings"]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child == "plain":
@@ -248,6 +281,7 @@ def main(argv=None) -> int:
         return 0
     if args.toolkit_set is None:
         args.toolkit_set = ["train.channels_last=true"] + (["train.mixed_precision=bf16"] if native_bf16() else [])
+    seeds = [int(x) for x in args.seeds.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     args.data = (args.data or work / "digits28").resolve()
     try:
@@ -255,34 +289,19 @@ def main(argv=None) -> int:
         n_train, n_val = make_digit_folder(args.data, args.train_variants, args.val_variants, args.val_digits)
         print(f"data: {n_train} train / {n_val} val PNG files, 1x28x28, in {args.data} "
               f"({time.perf_counter() - t0:.1f} s to make)")
-        print(f"both sides: mnist_cnn, batch {args.batch_size}, adam lr {args.lr:g} x {args.gamma:g} per epoch, "
-              f"{args.epochs} epochs, "
-              f"{args.threads} torch threads, seed {args.seed}\n", flush=True)
+        print(f"both sides: mnist_cnn, batch {args.batch_size}, adam lr {args.lr:g} x {args.gamma:g} after each epoch, "
+              f"{args.epochs} epochs, {args.threads} torch threads, seed(s) {args.seeds}; "
+              f"load average {os.getloadavg()[0]:.2f}\n", flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        results = {}
-        for side in args.sides.split(","):
-            if side == "plain":
-                out = work / "plain.json"
-                cmd = [sys.executable, __file__, "--child", "plain", "--result", str(out), "--data", str(args.data),
-                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                       "--gamma", str(args.gamma),
-                       "--threads", str(args.threads), "--workers", str(args.workers), "--seed", str(args.seed)]
-                measured = run_measured(cmd, env)
-                results[side] = {**json.loads(out.read_text()), **measured,
-                                 "settings": f"fp32, contiguous, DataLoader {args.workers} workers"}
-            elif side == "toolkit":
-                cmd, run_dir = toolkit_side(args, work)
-                print("toolkit: " + " ".join(args.toolkit_set), flush=True)
-                measured = run_measured(cmd, env)
-                summary = json.loads((run_dir / "summary.json").read_text())
-                results[side] = {"images_per_s": summary["train_images_per_s"], "val_acc": summary["final_val_acc"],
-                                 **measured, "settings": ", ".join(args.toolkit_set) or "defaults"}
-            else:
-                raise SystemExit(f"--sides: unknown side {side!r} (plain, toolkit)")
-            print(flush=True)
+        runs = {side: [] for side in args.sides.split(",")}
+        for seed in seeds:  # the sides take turns, so that a passing disturbance hits both
+            for side in runs:
+                runs[side].append(run_side(side, args, seed, work, env))
+                print(flush=True)
+        results = {side: combine(side_runs) for side, side_runs in runs.items()}
         print_table(results)
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2))
+            args.json.write_text(json.dumps({"results": results, "runs": runs}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -294,6 +313,9 @@ def print_table(results: dict) -> None:
     for side, r in results.items():
         print(f"{side:<8} {r['images_per_s']:>9,.0f} {r['val_acc']:>8.2%} {r['peak_rss_mb']:>12,.0f} "
               f"{r['peak_pss_mb']:>12,.0f} {r['wall_s']:>7.1f} {r['cpu_s']:>6.0f} {r['others_cpu']:>6.0%}  {r['settings']}")
+    if any(len(r["val_accs"]) > 1 for r in results.values()):
+        for side, r in results.items():
+            print(f"{side} val acc per seed: {', '.join(f'{a:.2%}' for a in r['val_accs'])}")
     if {"plain", "toolkit"} <= results.keys():
         plain, fast = results["plain"], results["toolkit"]
         print(f"\ntoolkit / plain: {fast['images_per_s'] / plain['images_per_s']:.2f}x images/s, "
