@@ -112,6 +112,18 @@ def test_overrides_parse_as_yaml():
         parse_overrides(["optim.lr"])
 
 
+def test_bare_yaml_no_is_a_precision(tmp_path):
+    """YAML 1.1 reads `no` as false; `mixed_precision: no` must still mean fp32, in a file and in --set."""
+    path = tmp_path / "fp32.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    assert load_config("smoke.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config("smoke.yaml").train.mixed_precision == "auto"
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: True is not one of 'auto', 'no', 'bf16' or 'fp16'"):
+        load_config("smoke.yaml", ["train.mixed_precision=yes"])
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path, tmp_path):
     # imagefolder.yaml points at the user's own photos, which must exist: give it a folder

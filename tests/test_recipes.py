@@ -94,7 +94,7 @@ def test_recipe_is_the_tutorials(name, tmp_path):
     assert (cfg.data.name, shape_of(cfg), cfg.model.name) == (data, shape, model)
     assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_size, cfg.train.epochs) == (optim, lr, batch, epochs)
     assert (cfg.data.mean, cfg.data.std) == (mean, std)
-    assert cfg.train.run_name == Path(name).stem and cfg.train.mixed_precision == "no"
+    assert cfg.train.run_name == Path(name).stem and cfg.train.mixed_precision == "auto"
     if optim == "sgd":
         assert cfg.optim.momentum == 0.9
     if data != "imagefolder":
@@ -229,8 +229,11 @@ def test_tensorboard_gets_step_loss_lr_and_epoch_metrics(tmp_path, capsys):
 
     run_dir, summary = train_run(tmp_path, "train.log_with=tensorboard", "train.epochs=2", "data.synthetic_samples=128")
     out = capsys.readouterr().out
-    assert re.search(r"^processes 1 \(NO\) \| device cpu \(\d+ cores, \w+ kernels\) \| mixed precision no \| "
-                     r"bf16 yes \((native|emulated: slow)\)$", out, re.M), out  # the start line
+    assert re.search(r"^processes 1 \(NO\) \| device cpu \(\d+ cores, \w+ kernels\) \| "
+                     r"(mixed precision bf16 \(auto: the CPU has native bf16\) \| bf16 yes \(native\)|"
+                     r"mixed precision no \(auto: the CPU would emulate bf16\) \| bf16 yes \(emulated: slow\)) \| "
+                     r"channels_last on$", out, re.M), out  # the start line
+    assert summary["mixed_precision"] in ("no", "bf16") and summary["channels_last"] is True
     steps = read_jsonl(run_dir / "metrics.jsonl")
     steps_per_epoch = 3  # 128 images, 25% held out (smoke.yaml), batch 32
     scalars = {}

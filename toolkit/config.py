@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import ConfigError, did_you_mean
 
@@ -127,7 +127,7 @@ class TrainConfig(Section):
     epochs: int = Field(10, gt=0, description="Number of epochs.")
     run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run directory name under output_dir; null = the config file's name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision. fp16 needs CUDA (with a gradient scaler); bf16 also runs on recent CPUs.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast precision. auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on CUDA without bf16, else no; the start-up line and summary.json say which. fp16 needs CUDA (with a gradient scaler).")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     clip_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value; null = off.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
@@ -139,9 +139,15 @@ class TrainConfig(Section):
     log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal.")
     log_with: Literal["none", "tensorboard"] = Field("none", description="Experiment tracker (through Accelerate) writing under the run directory.")
     device: Literal["auto", "cpu"] = Field("auto", description="auto: CUDA or MPS when present, else CPU; cpu: always the CPU.")
-    channels_last: bool = Field(False, description="channels_last memory format for model and batches.")
+    channels_last: bool = Field(True, description="channels_last memory format for model and batches (faster convolutions on CPUs and tensor-core GPUs; checkpoints and export are unaffected).")
     compile: bool = Field(False, description="torch.compile the model (checkpoints and export stay plain).")
     num_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per process; null = torch's default.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` means the string
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -45,10 +45,35 @@ class RunState:
     history: list = field(default_factory=list)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere autocast emulates it, slowly."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe() for probe in probes if probe)
+
+
+def resolve_precision(cfg: RunConfig) -> tuple[str, str]:
+    """train.mixed_precision as this run uses it, and (for auto) why: the fastest precision the device
+    computes natively. CUDA: bf16, or fp16 with a gradient scaler before Ampere; CPU: bf16 with
+    AVX512-BF16/AMX, else fp32; MPS: fp32."""
+    asked = cfg.train.mixed_precision
+    if asked != "auto":
+        return asked, ""
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "auto: the GPU has bf16"
+        return "fp16", "auto: the GPU lacks bf16"
+    if cfg.train.device != "cpu" and torch.backends.mps.is_available():
+        return "no", "auto: fp32 on MPS"
+    if native_bf16_cpu():
+        return "bf16", "auto: the CPU has native bf16"
+    return "no", "auto: the CPU would emulate bf16"
+
+
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     t = cfg.train
+    precision, _ = resolve_precision(cfg)
     return Accelerator(
-        cpu=t.device == "cpu", mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum_steps,
+        cpu=t.device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.grad_accum_steps,
         log_with="tensorboard" if t.log_with == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
         step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
@@ -91,10 +116,11 @@ def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
         native = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
         what = f"cpu ({os.cpu_count()} cores, {native or 'default'} kernels)"
         # bf16 autocast runs on every CPU; only AVX512-BF16/AMX make it fast rather than emulated
-        fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        bf16 = "yes (native)" if fast else "yes (emulated: slow)"
+        bf16 = "yes (native)" if native_bf16_cpu() else "yes (emulated: slow)"
+    _, why = resolve_precision(cfg)
     return (f"processes {accelerator.num_processes} ({accelerator.distributed_type.value}) | device {what} | "
-            f"mixed precision {cfg.train.mixed_precision} | bf16 {bf16}")
+            f"mixed precision {accelerator.mixed_precision}{f' ({why})' if why else ''} | bf16 {bf16} | "
+            f"channels_last {'on' if cfg.train.channels_last else 'off'}")
 
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
@@ -335,7 +361,8 @@ def write_summary(cfg: RunConfig, accelerator: Accelerator, state: RunState, t0:
         "epochs_completed": state.epoch, "epochs": cfg.train.epochs, "stopped_early": state.stopped_early,
         "val_samples": history[-1]["val_samples"] if history else 0,
         "final_val_acc": history[-1]["val_acc"] if history else None,
-        "num_processes": accelerator.num_processes, "mixed_precision": cfg.train.mixed_precision,
+        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "channels_last": cfg.train.channels_last,
         "effective_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
         "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
         "wall_s": state.wall_s + time.perf_counter() - t0, "device": accelerator.device.type,
