@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 
 from toolkit.config import DataConfig
 from toolkit.errors import ToolkitError
-from toolkit.preprocess import Preprocess, normalize, open_image, pil_to_uint8, resize_uint8
+from toolkit.preprocess import Preprocess, load_uint8, normalize, resize_uint8
 
 NATIVE = {  # channels, image size, default mean/std (on 0..1) per source
     "synthetic": (3, 32, [0.5], [0.5]),
@@ -62,7 +62,7 @@ class FileImages(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return pil_to_uint8(open_image(path), self.pre["channels"], self.pre["image_size"], self.pre["resize"]), label
+        return load_uint8(path, self.pre), label
 
 
 def _pass_through(batch):

@@ -16,7 +16,7 @@ from toolkit import report as rep
 from toolkit.checkpoint import load_best
 from toolkit.data import FileImages, TensorImages
 from toolkit.errors import ToolkitError
-from toolkit.preprocess import Preprocess, normalize, open_image, pil_to_uint8
+from toolkit.preprocess import Preprocess, load_uint8, normalize
 
 EVAL_DIR = "eval"
 SHOWN = 20  # images in predictions.png and misclassified.png
@@ -44,7 +44,7 @@ class EvalSet:
 def decode(path: str, pre: Preprocess) -> torch.Tensor:
     """An image file -> uint8 C x S x S, exactly as toolkit.preprocess.preprocess_image before normalising."""
     try:
-        return pil_to_uint8(open_image(path), pre["channels"], pre["image_size"], pre["resize"])
+        return load_uint8(path, pre)
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for unreadable files
         raise ToolkitError(f"{path}: cannot read this image: {exc}") from None
 
