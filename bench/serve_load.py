@@ -345,7 +345,7 @@ def main(argv=None) -> int:
     try:
         import captum  # noqa: F401  (TorchServe's VisionHandler imports it)
     except ImportError:
-        raise SystemExit("the built-in image_classifier handler imports captum: pip install captum") from None
+        raise SystemExit("the built-in image_classifier handler imports captum: pip install -e '.[bench]'") from None
     if args.keep:
         shutil.rmtree(args.keep, ignore_errors=True)
         args.keep.mkdir(parents=True)
