@@ -128,3 +128,13 @@ def test_digits_default_reaches_95_percent(tmp_path):
     assert summary["best_val_acc"] >= 0.95, summary
     assert summary["val_samples"] == 359  # 20% of 1,797
     assert "Epoch [ 1/12] Train Loss" in result.stdout
+
+
+def test_allocator_keeps_freed_memory_unless_the_user_tunes_it(monkeypatch):
+    from toolkit.engine import MALLOC_OVERRIDES, keep_freed_memory
+
+    for key in MALLOC_OVERRIDES:
+        monkeypatch.delenv(key, raising=False)
+    assert keep_freed_memory() is True  # glibc Linux (this project's machines and CI)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert keep_freed_memory() is False
