@@ -71,6 +71,14 @@ def native_bf16_cpu() -> bool:
     return any(probe() for probe in probes if probe)
 
 
+def native_bf16_cuda() -> bool:
+    """Whether the current GPU computes bf16 natively: NVIDIA from Ampere (compute capability 8.0) on,
+    every ROCm GPU. Older NVIDIA GPUs emulate it, slowly, and cuDNN has no bf16 convolutions there."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
 def resolve_precision(cfg: RunConfig) -> tuple[str, str]:
     """train.mixed_precision as this run uses it, and (for auto) why: the fastest precision the device
     computes natively. CUDA: bf16, or fp16 with a gradient scaler before Ampere; CPU: bf16 with
@@ -79,7 +87,7 @@ def resolve_precision(cfg: RunConfig) -> tuple[str, str]:
     if asked != "auto":
         return asked, ""
     if cfg.train.device != "cpu" and torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        if native_bf16_cuda():
             return "bf16", "auto: the GPU has bf16"
         return "fp16", "auto: the GPU lacks bf16"
     if cfg.train.device != "cpu" and torch.backends.mps.is_available():
@@ -129,7 +137,7 @@ def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-        bf16 = "yes" if torch.cuda.is_bf16_supported() else "no"
+        bf16 = "yes (native)" if native_bf16_cuda() else "yes (emulated: slow)"
     elif device.type == "mps":
         what, bf16 = "mps (Apple GPU)", "yes" if torch.backends.mps.is_macos_or_newer(14, 0) else "no"
     else:
