@@ -236,28 +236,34 @@ class ImageClassifierHandler:
         return self.normalize(self.resize(F.pil_to_tensor(self.to_mode(img, self.pre["channels"]))))
 
     # ---------------------------------------------------------------- the batch
-    def prepare(self, row) -> tuple[torch.Tensor | None, tuple[int, str] | None]:
-        """One request -> (its decoded uint8 C x H x W, None) or (None, (HTTP status, message)).
-
-        Runs in the decoding threads: PIL and numpy only. Torch ops stay on the worker's own thread,
-        where they use its intra-op threads (from several threads at once they would oversubscribe)."""
+    @staticmethod
+    def attempt(step, *args) -> tuple[torch.Tensor | None, tuple[int, str] | None]:
+        """(step(*args), None), or (None, (HTTP status, message)) for this request alone."""
         try:
-            img = self.to_mode(self.decode(self.request_bytes(row)), self.pre["channels"])
-            return F.pil_to_tensor(img), None
+            return step(*args), None
         except PredictionException as e:
             return None, (e.error_code, e.message)
         except Exception as e:  # not the client's fault: a bug here; answer this request only
             logger.exception("unexpected error in preprocessing")
             return None, (500, f"internal error while preprocessing: {type(e).__name__}")
 
+    def decode_row(self, row) -> torch.Tensor:
+        """One request -> its decoded uint8 C x H x W. Runs in the decoding threads: PIL and numpy
+        only; torch ops stay on the worker's own thread, where they use its intra-op threads (from
+        several threads at once they would oversubscribe the cores)."""
+        return F.pil_to_tensor(self.to_mode(self.decode(self.request_bytes(row)), self.pre["channels"]))
+
     def preprocess(self, data):
         """-> (N_good x C x S x S tensor or None, indices of the good requests, {idx: (code, msg)})."""
         parallel = self.pool is not None and len(data) > 1
-        outcomes = self.pool.map(self.prepare, data) if parallel else map(self.prepare, data)
+        decoded = self.pool.map(self.attempt, [self.decode_row] * len(data), data) if parallel else \
+            (self.attempt(self.decode_row, row) for row in data)
         tensors, good, errors = [], [], {}
-        for idx, (tensor, error) in enumerate(outcomes):
+        for idx, (tensor, error) in enumerate(decoded):
             if error is None:
-                tensors.append(self.resize(tensor))
+                tensor, error = self.attempt(self.resize, tensor)
+            if error is None:
+                tensors.append(tensor)
                 good.append(idx)
             else:
                 errors[idx] = error

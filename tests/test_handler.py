@@ -282,6 +282,39 @@ def test_too_many_pixels_is_refused_from_the_header(tmp_path):
     assert Image.MAX_IMAGE_PIXELS == limit_before  # PIL's global guard is restored
 
 
+def test_failure_after_decoding_stays_with_its_request(tmp_path, monkeypatch):
+    """Resizing runs on the worker's thread after the decoding threads: an error there (say, memory
+    for an extreme aspect ratio) still answers that request alone."""
+    model_dir = make_model_dir(tmp_path)
+    handler = make_handler(model_dir)
+    resize = handler.resize
+
+    def resize_or_fail(images):
+        if images.shape[-1] == 41:
+            raise RuntimeError("out of memory")
+        return resize(images)
+
+    monkeypatch.setattr(handler, "resize", resize_or_fail)
+    rows = [{"body": bytearray(encode(pil_image("RGB", width, 23, seed=width), "PNG"))} for width in (37, 41, 43)]
+    answers, ctx = handle(handler, model_dir, rows)
+    assert answers[1] == {"error": "internal error while preprocessing: RuntimeError", "code": 500}
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 500, 200]
+    assert len(answers[0]) == len(answers[2]) == 5 and all(isinstance(p, float) for p in answers[2].values())
+
+
+def test_model_is_frozen_with_unchanged_outputs(tmp_path):
+    model_dir = make_model_dir(tmp_path, channels=3)
+    handler = make_handler(model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        original = torch.jit.load(str(model_dir / "model.pt")).eval()
+    assert list(original.parameters()) and not list(handler.model.parameters())  # weights became constants
+    batch = torch.rand(4, 3, 28, 28)
+    with torch.inference_mode():
+        expected = torch.softmax(original(batch), dim=1)
+    torch.testing.assert_close(handler.inference(batch), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_all_bad_batch_runs_no_forward(tmp_path):
     model_dir = make_model_dir(tmp_path)
     handler = make_handler(model_dir)
