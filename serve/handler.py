@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
@@ -62,6 +63,7 @@ class ImageClassifierHandler:
         self.pre: dict = {}
         self.pool: ThreadPoolExecutor | None = None
         self.names: dict[str, str] = {}
+        self.profile = False
 
     # ---------------------------------------------------------------- start-up
     def initialize(self, context):
@@ -81,6 +83,9 @@ class ImageClassifierHandler:
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(-1, 1, 1)
         self.topk = int(self.pre.get("topk", 5))
         self.max_pixels = int(self.pre.get("max_pixels", 40_000_000))
+        handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
+        # TorchServe's switch for handler timing (model-config.yaml `handler: {profile: true}`).
+        self.profile = bool(handler_cfg.get("profile"))
 
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
@@ -297,13 +302,25 @@ class ImageClassifierHandler:
 
     def handle(self, data, context):
         """TorchServe's entry point: one answer per request, in order."""
+        started = time.perf_counter()
         batch, good, errors = self.preprocess(data)
         answers: list = [None] * len(data)
+        times = {"preprocess": time.perf_counter() - started}
         if batch is not None:
             # A failure here is the server's (model, memory), not one request's: it propagates
             # and TorchServe answers the whole batch (503, or 507 for out of memory).
-            for idx, answer in zip(good, self.postprocess(self.inference(batch))):
+            started = time.perf_counter()
+            probs = self.inference(batch)
+            times["inference"] = time.perf_counter() - started
+            started = time.perf_counter()
+            for idx, answer in zip(good, self.postprocess(probs)):
                 answers[idx] = answer
+            times["postprocess"] = time.perf_counter() - started
+        if self.profile and getattr(context, "metrics", None) is not None:
+            # The metric names of TorchServe's own @timed handlers, in ms per batch, so that the same
+            # dashboards and `model_metrics.log` queries work for this handler.
+            for phase, seconds in times.items():
+                context.metrics.add_time(f"ts_handler_{phase}", seconds * 1000)
         for idx, (code, message) in errors.items():
             request_id = context.get_request_id(idx) if hasattr(context, "get_request_id") else None
             logger.warning("request %d (id %s): %d %s", idx, request_id, code, message)

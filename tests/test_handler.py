@@ -193,7 +193,7 @@ def test_module_is_a_valid_torchserve_handler():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "toolkit" not in imported
-    assert imported <= {"__future__", "base64", "binascii", "concurrent", "io", "json", "logging", "os", "threading", "warnings",
+    assert imported <= {"__future__", "base64", "binascii", "concurrent", "io", "json", "logging", "os", "threading", "time", "warnings",
                         "http", "numpy", "torch", "PIL", "torchvision", "ts"}
 
 
@@ -433,6 +433,53 @@ def test_topk_and_threads_settings(tmp_path, monkeypatch):
         torch.set_num_threads(threads_before)
 
 
+class MetricsRecorder:
+    """Stands in for TorchServe's metrics cache: records add_time calls."""
+
+    def __init__(self):
+        self.times = []
+
+    def add_time(self, name, value, *args, **kwargs):
+        self.times.append((name, value))
+
+
+@pytest.mark.parametrize("profile", [True, False])
+def test_profile_reports_the_phase_times_as_torchserve_metrics(tmp_path, profile):
+    model_dir = make_model_dir(tmp_path, channels=3)
+    handler = handler_module.ImageClassifierHandler()
+    ctx = make_context(model_dir, 1)
+    ctx.model_yaml_config = {"handler": {"profile": profile}}
+    handler.initialize(ctx)
+    rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(2)] + [{"body": b"junk"}]
+    ctx = make_context(model_dir, len(rows))
+    ctx.metrics = MetricsRecorder()
+    answers = handler.handle(rows, ctx)
+    assert [("error" in a) for a in answers] == [False, False, True]
+    if not profile:
+        assert ctx.metrics.times == []
+        return
+    # one value per phase for the batch, in ms, under the names TorchServe's @timed handlers use
+    assert [name for name, _ in ctx.metrics.times] == ["ts_handler_preprocess", "ts_handler_inference",
+                                                       "ts_handler_postprocess"]
+    assert all(0 < ms < 60_000 for _, ms in ctx.metrics.times)
+
+    only_bad = make_context(model_dir, 1)  # no image to run: no inference or postprocess time
+    only_bad.metrics = MetricsRecorder()
+    handler.handle([{"body": b"junk"}], only_bad)
+    assert [name for name, _ in only_bad.metrics.times] == ["ts_handler_preprocess"]
+
+
+def test_the_batch_is_normalised_straight_into_channels_last(tmp_path):
+    model_dir = make_model_dir(tmp_path, channels=3, image_size=28)
+    handler = make_handler(model_dir)
+    rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(3)]
+    batch, good, errors = handler.preprocess(rows)
+    assert good == [0, 1, 2] and errors == {} and batch.shape == (3, 3, 28, 28)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack([handler.image_to_tensor(Image.open(io.BytesIO(bytes(r["body"])))) for r in rows])
+    assert torch.equal(batch, expected)
+
+
 def test_bad_preprocess_json_fails_at_load(tmp_path):
     model_dir = make_model_dir(tmp_path, channels=3)
     pre = json.loads((model_dir / "preprocess.json").read_text())
@@ -484,7 +531,8 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
     inf, mgmt, met, grpc_i, grpc_m = free_ports(5)
     config = (HANDLER_PATH.parent / "config.properties").read_text()
     for old, new in [(":8080", f":{inf}"), (":8081", f":{mgmt}"), (":8082", f":{met}"),
-                     ("=7070", f"={grpc_i}"), ("=7071", f"={grpc_m}"), ("/path/to/model-store", str(store))]:
+                     ("=7070", f"={grpc_i}"), ("=7071", f"={grpc_m}"), ("/path/to/model-store", str(store)),
+                     ("=serve/metrics.yaml", f"={HANDLER_PATH.parent / 'metrics.yaml'}")]:
         assert old in config
         config = config.replace(old, new)
     (run / "config.properties").write_text(config)

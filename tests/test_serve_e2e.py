@@ -4,9 +4,12 @@ ports, classify PNG and JPEG files over HTTP, and leave no server process behind
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
+import time
+import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -38,7 +41,8 @@ def train_digits_run(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     result = run_cli("train", "--config", "configs/digits.yaml", "--set", f"train.output_dir={run_dir.parent}",
                      "--set", f"train.run_name={run_dir.name}", "--set", f"train.epochs={EPOCHS}",
-                     "--set", "serve.batch_size=4", "--set", "serve.max_batch_delay_ms=10", "--set", "serve.topk=3")
+                     "--set", "serve.batch_size=4", "--set", "serve.max_batch_delay_ms=10", "--set", "serve.topk=3",
+                     "--set", "serve.profile=true")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_val_acc"] > 0.8, summary
@@ -206,6 +210,45 @@ def test_parallel_requests_and_the_curl_example(served):
     if shutil.which("curl"):
         answer = json.loads(subprocess.run(command, shell=True, capture_output=True, text=True, check=True).stdout)
         assert top1(answer) == top1(expected[0])
+
+
+def test_profiling_puts_the_handler_phase_times_in_torchserve_metrics(served):
+    """serve.profile -> model-config.yaml `handler: {profile: true}` -> per batch, the handler's
+    ts_handler_* metrics (the names TorchServe's @timed handlers use): one line each in ts_log.log,
+    and the latest values at the metrics port's /metrics (defined in serve/metrics.yaml)."""
+    info, token, files = served
+    log = info.state_dir / "logs" / "ts_log.log"
+    pattern = re.compile(r"\[METRICS\]ts_handler_(preprocess|inference|postprocess)\.Milliseconds:([\d.]+)"
+                         r"\|#ModelName:digits\S*")
+
+    def logged() -> dict[str, list[float]]:
+        found, seen = {"preprocess": [], "inference": [], "postprocess": []}, set()
+        for match in pattern.finditer(log.read_text(errors="replace")):
+            if match.group(0) not in seen:  # the frontend logs each worker line twice
+                seen.add(match.group(0))
+                found[match.group(1)].append(float(match.group(2)))
+        return found
+
+    before = {phase: len(values) for phase, values in logged().items()}
+    for path, _ in files[:3]:  # one at a time: three batches of one
+        client.predict_url(info.predictions_url(), [path], token)
+    deadline = time.monotonic() + 10  # the frontend logs the worker's lines asynchronously
+    found = logged()
+    while any(len(v) - before[p] < 3 for p, v in found.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        found = logged()
+    for phase, values in found.items():
+        assert len(values) - before[phase] == 3, f"{phase}: {len(values) - before[phase]} new values, want 3"
+        assert all(0 <= v < 10_000 for v in values), values
+    assert min(found["inference"][-3:]) > 0  # a forward pass takes measurable time
+
+    exported = {}
+    with urllib.request.urlopen(info.metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("ts_handler_") and 'ModelName="digits"' in line:
+                exported[line.split("{", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    assert set(exported) == {"ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess"}, exported
+    assert exported["ts_handler_inference"] == pytest.approx(found["inference"][-1], rel=1e-3)
 
 
 def test_a_model_that_cannot_load_fails_fast_with_its_log(served, tmp_path):

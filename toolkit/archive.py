@@ -52,13 +52,16 @@ def archiver_command() -> str:
 def model_config(run_dir: Path) -> dict:
     """TorchServe's per-model settings (model-config.yaml) from the run config's serve section."""
     serve = load_run_config(run_dir).serve
-    return {
+    config = {
         "minWorkers": serve.min_workers,
         "maxWorkers": serve.max_workers,
         "batchSize": serve.batch_size,
         "maxBatchDelay": serve.max_batch_delay_ms,
         "responseTimeout": serve.response_timeout_s,
     }
+    if serve.profile:
+        config["handler"] = {"profile": True}  # TorchServe's own switch, read by the handler
+    return config
 
 
 def check_archive(mar: Path) -> dict:

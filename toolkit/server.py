@@ -25,6 +25,7 @@ from toolkit.errors import ToolkitError
 
 DEFAULT_STATE_ROOT = Path.home() / ".cache" / "toolkit" / "serve"
 TEMPLATE = Path(__file__).resolve().parent.parent / "serve" / "config.properties"
+METRICS_CONFIG = TEMPLATE.parent / "metrics.yaml"
 TS_MAIN = "org.pytorch.serve.ModelServer"
 SERVICES = ("inference", "management", "metrics", "grpc_inference", "grpc_management")  # port + 0..4
 TOKEN_KINDS = {"inference": "inference", "management": "management", "api": "API"}
@@ -73,15 +74,16 @@ def instance_env(state_dir: Path) -> dict[str, str]:
 
 def write_ts_config(state_dir: Path, port: int, model_store: Path) -> Path:
     """STATE/config.properties: serve/config.properties with this instance's ports and paths."""
-    if not TEMPLATE.is_file():
-        raise ToolkitError(f"TorchServe config template not found at {TEMPLATE} (a repository checkout is needed)")
+    for needed in (TEMPLATE, METRICS_CONFIG):
+        if not needed.is_file():
+            raise ToolkitError(f"TorchServe config file not found at {needed} (a repository checkout is needed)")
     # allowed_urls is a regex, and .properties values eat one level of backslashes
     allowed = ("file://" + re.escape(str(model_store)) + "/.*").replace("\\", "\\\\")
     values = {"inference_address": f"http://{HOST}:{port}", "management_address": f"http://{HOST}:{port + 1}",
               "metrics_address": f"http://{HOST}:{port + 2}",
               "grpc_inference_address": HOST, "grpc_inference_port": str(port + 3),
               "grpc_management_address": HOST, "grpc_management_port": str(port + 4),
-              "model_store": str(model_store), "allowed_urls": allowed}
+              "model_store": str(model_store), "allowed_urls": allowed, "metrics_config": str(METRICS_CONFIG)}
     lines = []
     for line in TEMPLATE.read_text().splitlines():
         key = line.split("=", 1)[0].strip()
