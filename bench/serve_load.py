@@ -14,13 +14,16 @@ batch size, batch delay):
 
 The requests are real JPEG and PNG files: crops of the two photos scikit-learn ships (640x427),
 240..640 pixels wide. For each worker count (default: 1, and one per core, which is TorchServe's
-own default) one server holds four models: ours and builtin, each without dynamic batching
-(batch 1) and with it (batch 8, 5 ms delay). A bounded load (N requests, C concurrent keep-alive
-connections, loopback only, a time limit per phase, the two handlers taking turns in rounds) gives
-requests/s, p50/p95/p99 latency at the client and errors; TorchServe's own metrics give the
-server-side time of a request (ts_inference_latency_microseconds) and of each handle() call
-(PredictionTime). Timing the handlers' preprocess/inference/postprocess in this process on the same
-files gives the share of pre- plus post-processing in a request at batch 1.
+own default) one server holds six models: ours and builtin, each without dynamic batching
+(batch 1), with it (batch 8, 5 ms delay), and at batch 1 with TorchServe's handler profiling on.
+A bounded load (N requests, C concurrent keep-alive connections, loopback only, a time limit per
+phase, the two handlers taking turns in rounds) gives requests/s, p50/p95/p99 latency at the client
+and errors; TorchServe's own metrics give the server-side time of a request
+(ts_inference_latency_microseconds) and of each handle() call (PredictionTime). At concurrency 1
+the profiled models report each batch's preprocess/inference/postprocess time
+(ts_handler_*, `handler: {profile: true}`, which both handlers honour): the share of pre- plus
+post-processing in a request at batch 1, measured inside the server. The same phases are also
+timed in this process on the same files.
 
     python bench/serve_load.py                        # about 3 minutes
     python bench/serve_load.py --requests 2000 --concurrency 16 --workers 1,2,4 --model resnet18
@@ -92,24 +95,25 @@ def train_run(work: Path, model: str) -> Path:
     return work / "served"
 
 
-def build_store(run_dir: Path, store: Path, batches: list[int], delay_ms: int, workers: int) -> None:
-    """For each batch size B: ours_bB.mar (toolkit archive) and builtin_bB.mar (image_classifier),
-    the same model.pt and the same model-config.yaml (workers, batch size, batch delay)."""
+def build_store(run_dir: Path, store: Path, variants: list[tuple[str, int, bool]], delay_ms: int, workers: int) -> None:
+    """For each (tag, batch size, profile): ours_TAG.mar (toolkit archive) and builtin_TAG.mar
+    (image_classifier), the same model.pt and the same model-config.yaml (workers, batch size,
+    batch delay, `handler: {profile: true}` if profiled)."""
     from toolkit import archive
 
     export = run_dir / "export"
     config_path = run_dir / "config.yaml"
     store.mkdir(parents=True, exist_ok=True)
-    for batch in batches:
+    for tag, batch, profile in variants:
         config = yaml.safe_load(config_path.read_text())
         config["serve"].update(batch_size=batch, max_batch_delay_ms=delay_ms if batch > 1 else 0,
-                               min_workers=workers, max_workers=workers)
+                               min_workers=workers, max_workers=workers, profile=profile)
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))  # as if trained with --set serve.*
-        shutil.copy(archive.build_archive(run_dir, name=f"ours_b{batch}"), store / f"ours_b{batch}.mar")
-        model_config = store / f"model-config-b{batch}.yaml"
+        shutil.copy(archive.build_archive(run_dir, name=f"ours_{tag}"), store / f"ours_{tag}.mar")
+        model_config = store / f"model-config-{tag}.yaml"
         model_config.write_text(yaml.safe_dump(archive.model_config(run_dir)))
         with tempfile.TemporaryDirectory(prefix="bench-mar-") as scratch:  # the archiver stages in $TMPDIR/<name>
-            subprocess.run([archive.archiver_command(), "--model-name", f"builtin_b{batch}", "--version", "1.0",
+            subprocess.run([archive.archiver_command(), "--model-name", f"builtin_{tag}", "--version", "1.0",
                             "--serialized-file", str(export / "model.pt"), "--handler", "image_classifier",
                             "--extra-files", str(export / "index_to_name.json"), "--config-file", str(model_config),
                             "--export-path", str(store), "-f"], check=True, env={**os.environ, "TMPDIR": scratch})
@@ -248,17 +252,21 @@ def free_port_block(size: int = 5) -> int:
     raise SystemExit("no block of 5 free ports on 127.0.0.1")
 
 
-def prediction_times(log: Path, offset: int) -> tuple[dict[str, list[float]], int]:
-    """PredictionTime (TorchServe's time of one handle() call, one batch) per model, from ts_log.log
-    past `offset`; returns them and the new offset. Each metric line appears twice: deduplicated."""
+METRICS = ("PredictionTime", "ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess")
+
+
+def logged_times(log: Path, offset: int) -> tuple[dict[tuple[str, str], list[float]], int]:
+    """{(metric, model): [ms, ...]} from ts_log.log past `offset`, and the new offset: PredictionTime
+    (TorchServe's time of one handle() call, one batch) and, for profiled models, the handler's
+    ts_handler_* phase times per batch. Each metric line appears twice: deduplicated."""
     import re
 
     text = log.read_bytes()[offset:].decode(errors="replace") if log.is_file() else ""
     seen, times = set(), {}
-    for match in re.finditer(r"PredictionTime\.Milliseconds:([\d.]+)\|#ModelName:([\w-]+)(\S*)", text):
+    for match in re.finditer(rf"({'|'.join(METRICS)})\.Milliseconds:([\d.]+)\|#ModelName:([\w-]+)(\S*)", text):
         if match.group(0) not in seen:
             seen.add(match.group(0))
-            times.setdefault(match.group(2), []).append(float(match.group(1)))
+            times.setdefault((match.group(1), match.group(3)), []).append(float(match.group(2)))
     return times, offset + len(text.encode())
 
 
@@ -266,12 +274,12 @@ def measure_workers(args, run_dir: Path, work: Path, workers: int, bodies: list[
     """One TorchServe with ours_b1, builtin_b1, ours_bB, builtin_bB (`workers` each); the phases."""
     from toolkit import server
 
-    batches = [1, args.batch]
+    variants = [("b1p", 1, True), ("b1", 1, False), (f"b{args.batch}", args.batch, False)]
     store = work / f"store-w{workers}"
-    build_store(run_dir, store, batches, args.batch_delay_ms, workers)
+    build_store(run_dir, store, variants, args.batch_delay_ms, workers)
     state_root = work / "ts"
     port = free_port_block()
-    models = [f"{side}_b{b}" for b in batches for side in ("ours", "builtin")]
+    models = [f"{side}_{tag}" for tag, _, _ in variants for side in ("ours", "builtin")]
     results = {}
     try:
         server.start_server(store, port=port, models=models, state_root=state_root, timeout=300)
@@ -279,29 +287,36 @@ def measure_workers(args, run_dir: Path, work: Path, workers: int, bodies: list[
         log = server.state_dir_for(port, state_root) / "logs" / "ts_log.log"
         for model in models:  # warm-up: TorchScript's profiling executor, the connections
             run_load(port, model, token, bodies, 2 * args.concurrency, args.concurrency, args.time_limit)
-        phases = [(1, 1, args.requests // 4), (1, args.concurrency, args.requests), (args.batch, args.concurrency, args.requests)]
-        for batch, concurrency, total in phases:
+        # (model tag, batch, concurrency, requests): the profiled models serve the concurrency-1 phase
+        phases = [("b1p", 1, 1, args.requests // 4), ("b1", 1, args.concurrency, args.requests),
+                  (f"b{args.batch}", args.batch, args.concurrency, args.requests)]
+        for tag, batch, concurrency, total in phases:
             parts = {"ours": [], "builtin": []}
             counters = {side: dict.fromkeys(("requests", "latency_us", "queue_us"), 0.0) for side in parts}
-            handled = {side: [] for side in parts}
+            handled = {side: {metric: [] for metric in METRICS} for side in parts}
             for round_ in range(args.rounds):  # alternate, so that a passing disturbance hits both sides
                 for side in ("ours", "builtin") if round_ % 2 == 0 else ("builtin", "ours"):
-                    model = f"{side}_b{batch}"
-                    _, offset = prediction_times(log, 0)
+                    model = f"{side}_{tag}"
+                    _, offset = logged_times(log, 0)
                     before = server_metrics(port, model)
                     parts[side].append(run_load(port, model, token, bodies, total // args.rounds, concurrency,
                                                 args.time_limit / args.rounds))
                     after = server_metrics(port, model)
                     for key in counters[side]:
                         counters[side][key] += after[key] - before[key]
-                    handled[side] += prediction_times(log, offset)[0].get(model, [])
+                    time.sleep(0.5)  # the frontend logs the worker's metric lines asynchronously
+                    logged = logged_times(log, offset)[0]
+                    for metric in METRICS:
+                        handled[side][metric] += logged.get((metric, model), [])
             for side in ("ours", "builtin"):
                 stats = summary_stats(parts[side])
                 served = max(counters[side]["requests"], 1)
                 stats["server_ms"] = counters[side]["latency_us"] / served / 1000
                 stats["queue_ms"] = counters[side]["queue_us"] / served / 1000
-                stats["handle_ms"] = sum(handled[side]) / len(handled[side]) if handled[side] else float("nan")
-                stats["batches"] = len(handled[side])
+                for metric, key in zip(METRICS, ("handle_ms", "pre_ms", "inference_ms", "post_ms")):
+                    values = handled[side][metric]
+                    stats[key] = sum(values) / len(values) if values else float("nan")
+                stats["batches"] = len(handled[side]["PredictionTime"])
                 results[(workers, batch, concurrency, side)] = stats
                 print(row(workers, batch, concurrency, side, stats), flush=True)
     finally:
@@ -385,13 +400,18 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def summarise(args, results: dict, phases: dict, worker_counts: list[int]) -> None:
     c = args.concurrency
-    print(f"\nhandler phases at batch 1, timed in this process on the same files (mean ms per request):")
+    print("\nhandler phases at batch 1, concurrency 1 (mean ms per request):")
     for side, p in phases.items():
+        for workers in worker_counts:
+            one = results[(workers, 1, 1, side)]
+            print(f"  {side:<8} in TorchServe, {workers} worker(s): preprocess {one['pre_ms']:.2f} + inference "
+                  f"{one['inference_ms']:.2f} + postprocess {one['post_ms']:.2f} | handle {one['handle_ms']:.2f}, "
+                  f"request {one['server_ms']:.2f} ({one['mean_ms']:.2f} at the client) | pre+post = "
+                  f"{(one['pre_ms'] + one['post_ms']) / one['server_ms']:.0%} of the request")
         one = results[(worker_counts[0], 1, 1, side)]
-        share = (p["pre_ms"] + p["post_ms"]) / one["server_ms"]
-        print(f"  {side:<8} preprocess {p['pre_ms']:.2f} + inference {p['inference_ms']:.2f} + postprocess {p['post_ms']:.2f}"
-              f" | in TorchServe at concurrency 1: handle {one['handle_ms']:.2f}, request {one['server_ms']:.2f} "
-              f"({one['mean_ms']:.2f} at the client) | pre+post = {share:.0%} of the request")
+        print(f"  {side:<8} in this process:           preprocess {p['pre_ms']:.2f} + inference {p['inference_ms']:.2f} + "
+              f"postprocess {p['post_ms']:.2f} | pre+post = {(p['pre_ms'] + p['post_ms']) / one['server_ms']:.0%} of "
+              f"the request in TorchServe ({worker_counts[0]} worker(s))")
     for workers in worker_counts:
         for batch in (1, args.batch):
             ours, builtin = results[(workers, batch, c, "ours")], results[(workers, batch, c, "builtin")]
