@@ -318,7 +318,7 @@ class ImageClassifierHandler:
             times["postprocess"] = time.perf_counter() - started
         if self.profile and getattr(context, "metrics", None) is not None:
             # The metric names of TorchServe's own @timed handlers, in ms per batch, so that the same
-            # dashboards and `model_metrics.log` queries work for this handler.
+            # dashboards and log queries work for this handler.
             for phase, seconds in times.items():
                 context.metrics.add_time(f"ts_handler_{phase}", seconds * 1000)
         for idx, (code, message) in errors.items():

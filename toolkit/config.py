@@ -164,8 +164,9 @@ class ServeConfig(Section):
     response_timeout_s: int = Field(30, gt=0, description="Seconds before a worker is considered stuck.")
     topk: int = Field(5, gt=0, description="Classes in each answer (never more than the model has).")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height) the handler decodes.")
-    profile: bool = Field(False, description="Time the handler's phases per batch: TorchServe's metrics "
-                          "ts_handler_preprocess, ts_handler_inference and ts_handler_postprocess (ms) in model_metrics.log.")
+    profile: bool = Field(False, description="Time the handler's phases per batch as TorchServe's metrics "
+                          "ts_handler_preprocess, ts_handler_inference and ts_handler_postprocess (ms): "
+                          "logged in ts_log.log, latest values at /metrics.")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
