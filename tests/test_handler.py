@@ -10,6 +10,7 @@ import ast
 import base64
 import importlib.util
 import io
+import time
 import json
 import struct
 import warnings
@@ -469,15 +470,60 @@ def test_profile_reports_the_phase_times_as_torchserve_metrics(tmp_path, profile
     assert [name for name, _ in only_bad.metrics.times] == ["ts_handler_preprocess"]
 
 
-def test_the_batch_is_normalised_straight_into_channels_last(tmp_path):
+def test_the_batch_is_normalised_straight_into_the_models_layout(tmp_path):
     model_dir = make_model_dir(tmp_path, channels=3, image_size=28)
     handler = make_handler(model_dir)
+    assert handler.batch_layout == torch.channels_last
+    assert handler.single_layout in (torch.channels_last, torch.contiguous_format)  # measured at load
     rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(3)]
+    expected = torch.stack([handler.image_to_tensor(Image.open(io.BytesIO(bytes(r["body"])))) for r in rows])
     batch, good, errors = handler.preprocess(rows)
     assert good == [0, 1, 2] and errors == {} and batch.shape == (3, 3, 28, 28)
     assert batch.is_contiguous(memory_format=torch.channels_last)
-    expected = torch.stack([handler.image_to_tensor(Image.open(io.BytesIO(bytes(r["body"])))) for r in rows])
     assert torch.equal(batch, expected)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        handler.single_layout = layout
+        one, _, _ = handler.preprocess(rows[:1])
+        assert one.is_contiguous(memory_format=layout) and torch.equal(one, expected[:1])
+
+
+class LayoutStub:
+    """A 'model' that is slow for inputs in one memory format, and counts its calls."""
+
+    def __init__(self, slow: torch.memory_format):
+        self.slow, self.calls = slow, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        if x.is_contiguous(memory_format=self.slow):
+            time.sleep(0.02)
+        return torch.zeros(len(x), 10)
+
+
+@pytest.mark.parametrize("slow", [torch.channels_last, torch.contiguous_format])
+def test_the_faster_layout_for_one_image_is_measured_at_load(tmp_path, slow):
+    handler = make_handler(make_model_dir(tmp_path, channels=3, image_size=28))
+    handler.model = LayoutStub(slow)
+    choice, timings = handler.measure_single_layout(runs=3)
+    assert choice != slow
+    assert handler.model.calls == 2 * (3 + 1)  # one warm-up and three timed runs per layout
+    assert "channels_last" in timings and "contiguous" in timings
+
+
+@pytest.mark.parametrize("forced", [True, False])
+def test_model_config_can_force_the_layout(tmp_path, forced):
+    model_dir = make_model_dir(tmp_path, channels=3, image_size=28)
+    handler = handler_module.ImageClassifierHandler()
+    ctx = make_context(model_dir, 1)
+    ctx.model_yaml_config = {"handler": {"channels_last": forced}}
+    handler.initialize(ctx)
+    layout = torch.channels_last if forced else torch.contiguous_format
+    assert handler.single_layout == handler.batch_layout == layout
+    rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(2)]
+    answers, _ = handle(handler, model_dir, rows)
+    reference, _ = handle(make_handler(model_dir), model_dir, rows)  # the default layouts
+    for got, want in zip(answers, reference):
+        assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
 
 
 def test_bad_preprocess_json_fails_at_load(tmp_path):
