@@ -274,9 +274,11 @@ class ImageClassifierHandler:
             images = F.resize(images, size, antialias=True)
         return F.center_crop(images, [size, size])
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N)xCxSxS -> float32 (x / 255 - mean) / std as x * scale + shift (toolkit.preprocess.normalize)."""
-        return images.to(torch.float32).mul_(self.scale).add_(self.shift)
+    def normalize(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (N)xCxSxS -> float32 (x / 255 - mean) / std as x * scale + shift (toolkit.preprocess.normalize);
+        written into `out` (a float tensor of any memory format) when given."""
+        floats = images.to(torch.float32) if out is None else out.copy_(images)
+        return floats.mul_(self.scale).add_(self.shift)
 
     def image_to_tensor(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float C x S x S, exactly as toolkit.preprocess_image."""
@@ -322,8 +324,8 @@ class ImageClassifierHandler:
         batch = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float32,
                             memory_format=self.layout(len(tensors)))
         for row, tensor in zip(batch, tensors):
-            row.copy_(tensor)
-        return batch.mul_(self.scale).add_(self.shift), good, errors
+            self.normalize(tensor, out=row)
+        return batch, good, errors
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """One forward pass for the whole batch -> probabilities N x num_classes (on the CPU)."""
