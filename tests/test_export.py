@@ -141,6 +141,18 @@ def test_archive_holds_everything_the_handler_reads(tmp_path):
     assert archive.check_archive(again)["model"]["modelVersion"] == "2.1"
 
 
+@pytest.mark.parametrize("serve, handler", [
+    ({"profile": True}, {"profile": True}),
+    ({"channels_last": False}, {"channels_last": False}),
+    ({"profile": True, "channels_last": True}, {"profile": True, "channels_last": True}),
+])
+def test_handler_settings_go_into_model_config(tmp_path, serve, handler):
+    """serve.profile and serve.channels_last become model-config.yaml's `handler:` section, which
+    the handler reads at load; left at their defaults they write no section at all (above)."""
+    run = make_run(tmp_path / "run", serve=serve)
+    assert archive.model_config(run)["handler"] == handler
+
+
 def test_archive_rejects_bad_names_and_broken_archives(tmp_path):
     run = make_run(tmp_path / "run")
     for bad in ("has space", "-leading", "dots.are.out", "slash/x", ""):

@@ -59,8 +59,11 @@ def model_config(run_dir: Path) -> dict:
         "maxBatchDelay": serve.max_batch_delay_ms,
         "responseTimeout": serve.response_timeout_s,
     }
-    if serve.profile:
-        config["handler"] = {"profile": True}  # TorchServe's own switch, read by the handler
+    handler = {"profile": True} if serve.profile else {}  # TorchServe's own switch, read by the handler
+    if serve.channels_last is not None:
+        handler["channels_last"] = serve.channels_last
+    if handler:
+        config["handler"] = handler
     return config
 
 

@@ -164,6 +164,9 @@ class ServeConfig(Section):
     response_timeout_s: int = Field(30, gt=0, description="Seconds before a worker is considered stuck.")
     topk: int = Field(5, gt=0, description="Classes in each answer (never more than the model has).")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height) the handler decodes.")
+    channels_last: Optional[bool] = Field(None, description="Memory format the handler feeds the model: "
+                                          "null = channels_last for batches of 2+ and, for one image, the faster "
+                                          "of the two timed at load; true or false = that format always.")
     profile: bool = Field(False, description="Time the handler's phases per batch as TorchServe's metrics "
                           "ts_handler_preprocess, ts_handler_inference and ts_handler_postprocess (ms): "
                           "logged in ts_log.log, latest values at /metrics.")
