@@ -25,7 +25,8 @@ the profiled models report each batch's preprocess/inference/postprocess time
 post-processing in a request at batch 1, measured inside the server. The same phases are also
 timed in this process on the same files.
 
-    python bench/serve_load.py                        # about 3 minutes
+    python bench/serve_load.py                        # about 4 minutes
+    python bench/serve_load.py --model efficientnet_b0 # about 7 minutes: the model where both targets hold
     python bench/serve_load.py --requests 2000 --concurrency 16 --workers 1,2,4 --model resnet18
 """
 
