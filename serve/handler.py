@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -306,8 +307,8 @@ class ImageClassifierHandler:
         """-> (N_good x C x S x S float batch in the model's layout, or None; indices of the good
         requests; {idx: (code, msg)})."""
         parallel = self.pool is not None and len(data) > 1
-        decoded = self.pool.map(self.attempt, [self.decode_row] * len(data), data) if parallel else \
-            (self.attempt(self.decode_row, row) for row in data)
+        decode = functools.partial(self.attempt, self.decode_row)
+        decoded = self.pool.map(decode, data) if parallel else map(decode, data)
         tensors, good, errors = [], [], {}
         for idx, (tensor, error) in enumerate(decoded):
             if error is None:

@@ -194,7 +194,7 @@ def test_module_is_a_valid_torchserve_handler():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "toolkit" not in imported
-    assert imported <= {"__future__", "base64", "binascii", "concurrent", "io", "json", "logging", "os", "threading", "time", "warnings",
+    assert imported <= {"__future__", "base64", "binascii", "concurrent", "functools", "io", "json", "logging", "os", "threading", "time", "warnings",
                         "http", "numpy", "torch", "PIL", "torchvision", "ts"}
 
 
