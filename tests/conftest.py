@@ -12,6 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Training precision of every test run unless a test asks for another: `auto` resolves to bf16 on CPUs
+# with AVX512-BF16/AMX and to fp32 elsewhere, and no test may depend on which machine it runs on.
+FP32 = "train.mixed_precision=no"
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +35,7 @@ def train_run(tmp_path: Path, *overrides: str, config: str | Path = "smoke.yaml"
     from toolkit.engine import train
 
     cfg = load_config(ROOT / "configs" / config if not Path(config).is_file() else config,
-                      [f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides])
+                      [FP32, f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides])
     summary = train(cfg)
     return cfg.run_dir, summary
 
@@ -55,7 +58,7 @@ def accelerate_launch(tmp_path: Path, *overrides: str, config: str = "smoke.yaml
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "0", str(ROOT / "toolkit" / "train.py"),
            "--config", config, "--set", f"train.output_dir={tmp_path}", "--set", f"train.run_name={name}"]
-    for item in overrides:
+    for item in (FP32, *overrides):
         cmd += ["--set", item]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

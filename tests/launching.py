@@ -14,7 +14,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, ROOT
+from conftest import BIN, FP32, ROOT
 
 TRAIN = ROOT / "toolkit" / "train.py"
 CPU_SH = ROOT / "launch" / "cpu.sh"
@@ -31,7 +31,7 @@ def command(output_dir: Path, name: str, overrides, *, script: Path = TRAIN, scr
     flags, `accelerate launch` with every flag explicit (a default accelerate config is never read)."""
     args = [*script_args, "--config", config, "--set", f"train.output_dir={output_dir}",
             "--set", f"train.run_name={name}"]
-    for item in overrides:
+    for item in (FP32, *overrides):
         args += ["--set", item]
     if script == TRAIN and launcher is None:
         return [str(CPU_SH), *args]

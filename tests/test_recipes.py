@@ -227,7 +227,8 @@ def test_imagefolder_from_scratch_learns_the_shapes(tmp_path):
 def test_tensorboard_gets_step_loss_lr_and_epoch_metrics(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, summary = train_run(tmp_path, "train.log_with=tensorboard", "train.epochs=2", "data.synthetic_samples=128")
+    run_dir, summary = train_run(tmp_path, "train.log_with=tensorboard", "train.epochs=2", "data.synthetic_samples=128",
+                                 "train.mixed_precision=auto")  # the start line says what auto chose, and why
     out = capsys.readouterr().out
     assert re.search(r"^processes 1 \(NO\) \| device cpu \(\d+ cores, \w+ kernels\) \| "
                      r"(mixed precision bf16 \(auto: the CPU has native bf16\) \| bf16 yes \(native\)|"

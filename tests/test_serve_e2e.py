@@ -24,7 +24,7 @@ from PIL import Image
 from toolkit import archive, client, export, server
 from toolkit.errors import ToolkitError
 
-from conftest import run_cli
+from conftest import FP32, run_cli
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def train_digits_run(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     from toolkit.data import split_indices
 
-    result = run_cli("train", "--config", "configs/digits.yaml", "--set", f"train.output_dir={run_dir.parent}",
+    result = run_cli("train", "--config", "configs/digits.yaml", "--set", FP32, "--set", f"train.output_dir={run_dir.parent}",
                      "--set", f"train.run_name={run_dir.name}", "--set", f"train.epochs={EPOCHS}",
                      "--set", "serve.batch_size=4", "--set", "serve.max_batch_delay_ms=10", "--set", "serve.topk=3",
                      "--set", "serve.profile=true")

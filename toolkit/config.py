@@ -128,6 +128,7 @@ class TrainConfig(Section):
     run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run directory name under output_dir; null = the config file's name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast precision. auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on CUDA without bf16, else no; the start-up line and summary.json say which. fp16 needs CUDA (with a gradient scaler).")
+    eval_precision: Literal["fp32", "train"] = Field("fp32", description="Precision of validation, hence of best_val_acc, the best checkpoint and early stopping. fp32: the model as `toolkit evaluate`, `toolkit predict`, the export and TorchServe run it, whatever the training precision; train: the training autocast (faster, but the figures are not those of the served model). metrics.jsonl and summary.json say which was used.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     clip_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the global gradient norm to this value; null = off.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")

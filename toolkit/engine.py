@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from rich.console import Console
 
 from toolkit import checkpoint
@@ -222,10 +222,12 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     lr = scaled_lr(cfg.optim, effective_batch, cfg.data.batch_size)
     optimizer = build_optimizer(cfg.optim, net.parameters(), lr)
     train_loader, val_loader = build_loaders(bundle, cfg.data, cfg.train.seed, accelerator.device.type == "cuda")
+    plain_forward = net.forward  # before prepare() wraps it in the training autocast
     model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
     steps_per_epoch = num_steps(len(train_loader), cfg.train.grad_accum_steps)
     scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
     forward = torch.compile(model) if cfg.train.compile else model
+    eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
     augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
     meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
             "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")}}
@@ -252,11 +254,12 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
             train_loss, train_acc, seen, train_s = train_epoch(
                 cfg, accelerator, forward, net, train_loader, optimizer, scheduler, augment, reporter,
                 epoch, steps_per_epoch, (epoch - 1) * steps_per_epoch)
-            val_loss, val_acc, val_samples = evaluate(accelerator, forward, val_loader, augment)
+            sync_buffers(accelerator, net)
+            val_loss, val_acc, val_samples = evaluate(accelerator, model, eval_forward, val_loader, augment)
             if not math.isfinite(val_loss):  # the epoch's last step broke the weights: do not checkpoint them
                 raise non_finite(f"in validation after epoch {epoch}")
             epoch_metrics = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                                 val_acc=val_acc, val_samples=val_samples, lr=scheduler.get_last_lr()[0],
+                                 val_acc=val_acc, val_samples=val_samples, eval_precision=eval_precision, lr=scheduler.get_last_lr()[0],
                                  images_per_s=seen / train_s, num_processes=accelerator.num_processes,
                                  epoch_s=time.perf_counter() - t_epoch)
             improved = val_acc > state.best_val_acc
@@ -351,10 +354,30 @@ def non_finite(where: str) -> NonFiniteLoss:
                          "train.clip_grad_norm, or check the data.")
 
 
+def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_forward) -> tuple[str, object]:
+    """The precision validation runs in and the callable that runs it. By default fp32, as evaluate,
+    predict, the export and TorchServe run the checkpoint: Accelerate bakes the training autocast into
+    the prepared model's forward, and an outer autocast(enabled=False) cannot undo an inner one, so fp32
+    validation calls the model's own forward, taken before prepare() wrapped it."""
+    if accelerator.mixed_precision == "no" or cfg.train.eval_precision == "train":
+        return ("fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision), forward
+    return "fp32", torch.compile(plain_forward) if cfg.train.compile else plain_forward
+
+
+def sync_buffers(accelerator: Accelerator, net: torch.nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm running statistics) before validating.
+    DDP broadcasts them at the start of each training forward, so after the epoch's last step each
+    process holds statistics updated by its own batch; validation must measure the model that is saved."""
+    buffers = list(net.buffers())
+    if accelerator.num_processes > 1 and buffers:
+        broadcast(buffers, from_process=0)
+
+
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, forward, loader, augment) -> tuple[float, float, int]:
-    """Loss, accuracy and sample count over exactly the validation set (no padded duplicates)."""
-    forward.eval()
+def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, augment) -> tuple[float, float, int]:
+    """Loss, accuracy and sample count over exactly the validation set (no padded duplicates);
+    `forward` runs `model` (put in eval mode here) in the validation precision."""
+    model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         logits = forward(augment(images, train=False))
@@ -391,6 +414,7 @@ def write_summary(cfg: RunConfig, accelerator: Accelerator, state: RunState, t0:
         "val_samples": history[-1]["val_samples"] if history else 0,
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
+        "eval_precision": history[-1]["eval_precision"] if history else None,
         "channels_last": cfg.train.channels_last,
         "effective_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
         "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
