@@ -128,7 +128,19 @@ def test_bare_yaml_no_is_a_precision(tmp_path):
 def test_shipped_configs_validate(path, tmp_path):
     # imagefolder.yaml points at the user's own photos, which must exist: give it a folder
     cfg = load_config(path, [f"data.root={tmp_path}"] if path.name == "imagefolder.yaml" else [])
-    assert cfg.train.run_name == path.stem or cfg.train.run_name
+    assert cfg.train.run_name == path.stem  # runs/<config name> unless the file names its run
+    # the model fits the data the config describes (a recipe with a wrong size or channel count fails here)
+    import torch
+
+    from toolkit.data import NATIVE
+    from toolkit.models import build_model
+
+    source = "imagefolder" if cfg.data.name == "imagefolder" else cfg.data.name
+    channels = cfg.data.channels or NATIVE[source][0]
+    size = cfg.data.image_size or NATIVE[source][1]
+    model = build_model(cfg.model.name, 10, channels, size, cfg.model.args).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
 
 
 def test_readme_config_reference_is_current():

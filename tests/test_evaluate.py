@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,15 +94,20 @@ def test_report_matches_training_and_pictures_are_written(digits_run):
     assert width >= 200 * min(mistakes, 5) and height >= 250 * -(-min(mistakes, 20) // 5)
 
 
-def test_cli_prints_every_table(digits_run):
+def test_cli_prints_every_table(digits_run, tmp_path):
     run_dir, summary = digits_run
-    result = run_cli("evaluate", str(run_dir), env={"COLUMNS": "120"})
+    copy = tmp_path / "digits"  # its own copy: no report of another test can be taken for this one's
+    shutil.copytree(run_dir, copy, symlinks=True, ignore=shutil.ignore_patterns("eval"))
+    result = run_cli("evaluate", str(copy), env={"COLUMNS": "120"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for text in ("Accuracy", "Top-5", "Per class", "Precision", "Recall", "F1", "macro avg",
-                 "Confusion matrix", "true \\ pred", f"{summary['best_val_acc']:.2%}"):
+                 "Confusion matrix", "true \\ pred", f"Accuracy {summary['best_val_acc']:.2%} on 359 samples"):
         assert text in out, text
-    assert (run_dir / "eval" / "report.json").is_file()
+    report = json.loads((copy / "eval" / "report.json").read_text())
+    assert report["accuracy"] == summary["best_val_acc"] and report["samples"] == 359
+    for row in report["per_class"]:  # each class's line of the table, with its own figures
+        assert re.search(rf"^\s*{re.escape(row['name'])}\s+{row['support']}\s+{row['accuracy']:.2%}", out, re.M), row
 
 
 def test_folder_of_the_same_images_gives_the_same_report(digits_run, tmp_path):

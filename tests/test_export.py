@@ -75,16 +75,23 @@ def test_topk_argument_overrides_config_and_is_capped(tmp_path):
         export.export_torchscript(run, topk=0)
 
 
-def test_channels_last_and_compiled_training_still_export(tmp_path):
+def test_channels_last_checkpoint_exports_the_same_function(tmp_path):
+    """A model trained in channels_last (the default) exports to TorchScript whose logits, on
+    contiguous and channels_last batches alike, are the trained model's. (A compiled run goes through
+    the engine in test_fast_path.py::test_compiled_channels_last_bf16_run_resumes_and_exports.)"""
+    trained = {}
+
     def channels_last(model):
-        return model.to(memory_format=torch.channels_last)
+        trained["model"] = model.to(memory_format=torch.channels_last)
+        return trained["model"]
 
-    def compiled(model):  # the eager backend: the wrapper without a C compiler run
-        return torch.compile(model, backend="eager")
-
-    for name, prepare in (("cl", channels_last), ("compiled", compiled)):
-        run = make_run(tmp_path / name, "bn_cnn", 3, 16, prepare=prepare)
-        assert (export.export_torchscript(run) / "model.pt").is_file()
+    run = make_run(tmp_path / "cl", "bn_cnn", 3, 16, prepare=channels_last)
+    scripted = export.load_torchscript(export.export_torchscript(run) / "model.pt")
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained["model"].eval()(images.contiguous(memory_format=torch.channels_last))
+        for batch in (images, images.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(scripted(batch), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_parity_failure_raises_and_keeps_previous_export(tmp_path, monkeypatch):

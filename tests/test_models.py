@@ -36,10 +36,17 @@ def test_other_sizes(name, channels, size, classes):
 
 @pytest.mark.parametrize("name", sorted(DEFAULT_INPUT))
 def test_channels_last_batches(name):
+    """The training layout gives the logits of the contiguous model (flatten, not view: a view of a
+    channels_last tensor would either fail or silently reorder the features)."""
     channels, size = DEFAULT_INPUT[name]
-    model = build_model(name, 10, channels, size).eval().to(memory_format=torch.channels_last)
-    images = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
-    assert model(images).shape == (2, 10)
+    torch.manual_seed(0)
+    model = build_model(name, 10, channels, size).eval()
+    images = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        expected = model(images)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(images.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_too_small_input_is_a_user_error():

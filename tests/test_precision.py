@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from conftest import accelerate_launch, read_jsonl, train_run
 from test_evaluate import served_handler, validation_images
@@ -107,3 +109,38 @@ def test_auto_precision_follows_the_device_probes(monkeypatch, cpu_bf16, cuda, c
     cfg = load_config("smoke.yaml", ["train.mixed_precision=auto", f"train.device={device}"])
     assert engine.resolve_precision(cfg) == expected
     assert engine.resolve_precision(load_config("smoke.yaml", ["train.mixed_precision=bf16"])) == ("bf16", "")
+
+
+class AutocastProbe(nn.Module):
+    """A small convnet that notes, at every forward, whether it trains and the dtype its convolution
+    computed in: bf16 under autocast, fp32 outside it."""
+
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def __init__(self, channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.conv(images)
+        AutocastProbe.seen.append((self.training, features.dtype))
+        return self.head(features.relu().mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("eval_precision, val_dtype", [("fp32", torch.float32), ("train", torch.bfloat16)])
+def test_bf16_trains_under_autocast_and_validates_as_asked(tmp_path, monkeypatch, eval_precision, val_dtype):
+    """Not what the config says but what ran: every training forward computed in bf16, every validation
+    forward in fp32 (the default) or under the training autocast (eval_precision: train)."""
+    from toolkit import models
+
+    monkeypatch.setitem(models.SEED_MODELS, "autocast_probe", AutocastProbe)
+    monkeypatch.setattr(AutocastProbe, "seen", [])
+    _, summary = train_run(tmp_path, "model.name=autocast_probe", "train.mixed_precision=bf16",
+                           f"train.eval_precision={eval_precision}", "train.epochs=1")
+    train_dtypes = {dtype for training, dtype in AutocastProbe.seen if training}
+    val_dtypes = {dtype for training, dtype in AutocastProbe.seen if not training}
+    assert train_dtypes == {torch.bfloat16} and val_dtypes == {val_dtype}
+    # smoke.yaml: 384 training images in batches of 32, 128 validation images in batches of 64
+    assert [training for training, _ in AutocastProbe.seen] == [True] * 12 + [False] * 2
+    assert summary["best_val_acc"] > 0.25  # 4 classes

@@ -110,11 +110,6 @@ def test_early_stopping_keeps_best(tmp_path):
     assert json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())["epoch"] == 1
 
 
-def test_bf16_autocast_trains_on_cpu(tmp_path):
-    _, summary = train_run(tmp_path, "train.epochs=1", "train.mixed_precision=bf16")
-    assert summary["mixed_precision"] == "bf16" and summary["best_val_acc"] > 0.4
-
-
 def test_fp16_on_cpu_is_refused(tmp_path):
     with pytest.raises(ToolkitError, match="fp16.*needs a CUDA GPU.*bf16"):
         train_run(tmp_path, "train.epochs=1", "train.mixed_precision=fp16")
