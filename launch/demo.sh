@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole path on the built-in digits (no download): train -> export -> archive ->
 # TorchServe -> predictions for held-out digits saved as PNG files -> stop the server.
+# DEMO_RUN_DIR (default runs/digits) and DEMO_PORT (default: the first free block from 18080) move it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run_dir=runs/digits
+run_dir=${DEMO_RUN_DIR:-runs/digits}
 port=${DEMO_PORT:-$(python - <<'PY'
 import socket
 # a free block of 5 ports (inference, management, metrics, 2 x gRPC) on loopback
@@ -22,7 +23,8 @@ PY
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "train configs/digits.yaml"
-toolkit train --config configs/digits.yaml --set train.overwrite=true
+toolkit train --config configs/digits.yaml --set train.overwrite=true \
+  --set train.output_dir="$(dirname "$run_dir")" --set train.run_name="$(basename "$run_dir")"
 cat "$run_dir/summary.json"
 
 step "export, archive"

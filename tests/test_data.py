@@ -75,12 +75,16 @@ def test_imagefolder_layouts_channels_and_eval_parity(tmp_path, layout, channels
     assert len(bundle.val) == (6 if layout == "train_val" else round(18 * 0.25))
     image, label = bundle.val[0]
     assert image.dtype == torch.uint8 and image.shape == (channels, 16, 16)
-    # what training evaluates equals what `toolkit predict` and the server compute from the file
-    path = bundle.val.samples[0][0] if pipeline == "loader" else None
-    if path:
-        expected = preprocess_image(path, bundle.preprocess)
-        augment = BatchAugment(bundle.preprocess)
-        assert torch.equal(augment(image.unsqueeze(0), train=False)[0], expected)
+    # what training evaluates equals what `toolkit predict` and the server compute from the file, for
+    # every validation image of either pipeline (the memory one keeps no paths: the loader's list them,
+    # in the same order)
+    files = build_data(cfg.model_copy(update={"pipeline": "loader"})).val.samples
+    augment = BatchAugment(bundle.preprocess)
+    assert len(files) == len(bundle.val)
+    for index, (path, file_label) in enumerate(files):
+        image, label = bundle.val[index]
+        assert int(label) == file_label
+        assert torch.equal(augment(image.unsqueeze(0), train=False)[0], preprocess_image(path, bundle.preprocess)), path
 
 
 def test_rgb_to_gray_is_bit_exact_with_pil():

@@ -115,16 +115,6 @@ def test_fp16_on_cpu_is_refused(tmp_path):
         train_run(tmp_path, "train.epochs=1", "train.mixed_precision=fp16")
 
 
-@pytest.mark.slow
-def test_digits_default_reaches_95_percent(tmp_path):
-    result = run_cli("train", "--config", "configs/digits.yaml", "--set", f"train.output_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
-    assert summary["best_val_acc"] >= 0.95, summary
-    assert summary["val_samples"] == 359  # 20% of 1,797
-    assert "Epoch [ 1/12] Train Loss" in result.stdout
-
-
 def test_allocator_keeps_freed_memory_unless_the_user_tunes_it(monkeypatch):
     from toolkit.engine import MALLOC_OVERRIDES, keep_freed_memory
 
