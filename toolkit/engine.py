@@ -228,7 +228,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     forward = torch.compile(model) if cfg.train.compile else model
     augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
     meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
-            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")}}
+            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")},
+            "preprocess_version": pre["preprocess_version"]}
 
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:
