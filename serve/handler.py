@@ -53,7 +53,7 @@ PREPROCESS_VERSION = 2  # the newest toolkit/preprocess.py this copy implements 
 REDUCING_GAP = 2
 V1_MAX_ASPECT = 20
 # A body starting with one of these is JSON, not an image: no image format's magic begins so.
-JSON_START = tuple(b'{["-0123456789tfn')
+JSON_START = tuple(b'{["-0123456789tfn"')
 
 
 def draft(img: Image.Image, size: int) -> None:
@@ -92,6 +92,19 @@ def box_reduce(img: Image.Image, size: int) -> Image.Image:
     """Box-average by whole factors until each side is under 4 x size. Copy of toolkit/preprocess.py."""
     factors = (max(1, img.size[0] // (REDUCING_GAP * size)), max(1, img.size[1] // (REDUCING_GAP * size)))
     return img if factors == (1, 1) else img.reduce(factors)
+
+
+def over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency -> "RGB" over white, a strip of about 1 M pixels at a time (all
+    per pixel: the whole-image result, without three full-size RGBA copies). Copy of toolkit/preprocess.py."""
+    out = Image.new("RGB", img.size)
+    rows = max(1, 2**20 // max(1, img.width))
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(img.height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+    return out
 
 
 def short(text: object, limit: int = 40) -> str:
@@ -335,17 +348,15 @@ class ImageClassifierHandler:
     def to_mode(img: Image.Image, channels: int) -> Image.Image:
         """Any PIL mode -> "L" or "RGB": 16/32-bit scaled to 8 bits, transparency over white."""
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            values = np.asarray(img, dtype=np.int64)
-            img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+            values = np.asarray(img) >> 8  # at the native width (uint16/int32): no int64 copy of 40 M pixels
+            img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
         elif img.mode == "F":
             values = np.asarray(img, dtype=np.float64)
             img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img).convert("RGB")
+        if img.mode == "P" and "transparency" not in img.info:
+            img = img.convert("RGB")
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):
+            img = over_white(img)
         target = "L" if channels == 1 else "RGB"
         return img if img.mode == target else img.convert(target)
 

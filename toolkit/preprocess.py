@@ -58,19 +58,31 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     transparent pixels are composited over white, so an RGBA logo looks as it does in a viewer.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+        values = np.asarray(img) >> 8  # at the native width (uint16/int32): no int64 copy of 40 M pixels
+        img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
     elif img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img).convert("RGB")
+    if img.mode == "P" and "transparency" not in img.info:
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):
+        img = over_white(img)
     target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
+
+
+def over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency -> "RGB", composited over white, a strip of about 1 M pixels at a
+    time: every step is per pixel, so the result is the whole-image one's, without three full-size
+    RGBA copies alive at once (760 MB at 40 M pixels)."""
+    out = Image.new("RGB", img.size)
+    rows = max(1, 2**20 // max(1, img.width))
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(img.height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+    return out
 
 
 # ---------------------------------------------------------------- version 2: bounded
