@@ -617,6 +617,11 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
             (json.dumps({"data": "!!"}).encode(), "application/json", 400),
             (png_header_only(20000, 20000), "image/png", 413),
             (json.dumps({"data": base64.b64encode(png).decode()}).encode(), "application/json", 200),
+            # TorchServe's own json.loads fails on these too and passes the bytes on
+            (b"[" * 1000 + b"]" * 1000, "application/json", 400),
+            (b"[1, 2]", "application/octet-stream", 400),
+            (b"null", "text/plain", 400),
+            (png_header_only(1, 100_000), "image/png", 413),
         ]
         results = [None] * len(cases)
 
@@ -645,7 +650,7 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
         # The worker logs each refused request with its position in the batch: some were batched.
         log = (run / "logs" / "model_log.log").read_text()
         positions = [int(line.split("request ")[1].split()[0]) for line in log.splitlines() if "(id " in line]
-        assert len(positions) == 6 and max(positions) > 0
+        assert len(positions) == 10 and max(positions) > 0
     finally:
         subprocess.run([str(bin_dir / "torchserve"), "--stop"], cwd=run, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)

@@ -34,7 +34,7 @@ class DataConfig(Section):
     download: bool = Field(False, description="Let torchvision download a missing dataset into `root` (needs internet).")
     image_size: Optional[int] = Field(None, gt=0, description="Square side the model sees; null = the dataset's own (28 for MNIST, 32 for CIFAR, 8 for digits).")
     channels: Optional[Literal[1, 3]] = Field(None, description="1 = grayscale, 3 = RGB; null = the dataset's own. Images are converted either way.")
-    resize: Literal["resize", "resize_center_crop"] = Field("resize", description="How images reach image_size: squash, or short side then centre crop (ImageNet style).")
+    resize: Literal["resize", "resize_center_crop"] = Field("resize", description="How images reach image_size: squash, or the central square (the region ImageNet's short side + centre crop keeps), cropped before resizing so the cost is bounded whatever the shape (preprocess_version 2).")
     mean: Optional[list[float]] = Field(None, description="Per-channel normalisation mean on the 0..1 scale; null = the dataset's default.")
     std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null = the dataset's default.")
     num_classes: int = Field(10, ge=2, description="Number of classes (synthetic data only; other sources read it from the data).")
