@@ -14,7 +14,7 @@ from PIL import Image
 import fuzz_corpus
 from test_handler import encode, handler_module, make_handler, make_model_dir
 from toolkit.config import DataConfig
-from toolkit.data import FileImages, _conform, build_data
+from toolkit.data import FileImages, _conform, build_data, build_loaders
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import Preprocess, load_uint8, pil_to_uint8, preprocess_image, resize_uint8
 
@@ -173,6 +173,14 @@ def test_a_training_file_above_the_limits_is_reported_by_its_path(tmp_path):
             for dataset in (bundle.train, bundle.val):
                 for i in range(len(dataset)):
                     dataset[i]
+    # Through a DataLoader worker process, as training reads it: the same one line, no worker traceback.
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=16, pipeline="loader", val_fraction=0.5,
+                     num_workers=1, batch_size=2)
+    bundle = build_data(cfg)
+    with pytest.raises(ToolkitError) as info:
+        for loader in build_loaders(bundle, cfg, seed=0, pin_memory=False):
+            list(loader)
+    assert str(info.value) == f"{thin}: cannot use this image: image is 1x70000, a side above the limit 65535 (data.max_side)"
     cfg = DataConfig(name="imagefolder", root=str(root), image_size=16, pipeline="memory", max_side=100_000)
     bundle = build_data(cfg)  # within the raised limit: the thin file trains like any other
     assert len(bundle.train) + len(bundle.val) == 7

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from toolkit.config import DataConfig
-from toolkit.errors import ToolkitError
+from toolkit.errors import ImageFileError, ToolkitError
 from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, load_uint8, normalize, resize_uint8
 
 NATIVE = {  # channels, image size, default mean/std (on 0..1) per source
@@ -66,7 +66,7 @@ class FileImages(Dataset):
         try:
             return load_uint8(path, self.pre, self.limits), label
         except READ_ERRORS as exc:
-            raise ToolkitError(f"{path}: cannot use this image: {exc}") from None
+            raise ImageFileError(f"{path}: cannot use this image: {exc}") from None
 
 
 def _pass_through(batch):
