@@ -96,7 +96,7 @@ def served(tmp_path_factory):
     assert json.loads((out / "parity.json").read_text())["max_abs_diff"] <= 1e-4
     assert json.loads((out / "preprocess.json").read_text()) == {
         "channels": 1, "image_size": IMAGE_SIZE, "resize": "resize", "mean": [0.5], "std": [0.5],
-        "topk": 3, "max_pixels": 40_000_000}
+        "topk": 3, "max_pixels": 40_000_000, "max_side": 65_535, "preprocess_version": 2}  # version: from meta.json
 
     mar = archive.build_archive(run)
     assert mar == run / "model-store" / "digits.mar"
