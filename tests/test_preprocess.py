@@ -74,7 +74,8 @@ def test_version_2_is_version_1_where_nothing_is_cropped_or_reduced():
         v1, v2 = ({**pre, "preprocess_version": v} for v in (1, 2))
         assert torch.equal(preprocess_image(square, v1), preprocess_image(square, v2))
         # elsewhere the central square moves by under a pixel of the output: close, not equal
-        assert (preprocess_image(wide, v1) - preprocess_image(wide, v2)).abs().mean() < 0.25
+        # (measured 0.011 squashed, 0.019 centre-cropped; the left square instead of the central: 0.62)
+        assert (preprocess_image(wide, v1) - preprocess_image(wide, v2)).abs().mean() < 0.05
 
 
 def test_thin_image_costs_little_in_the_toolkit():
