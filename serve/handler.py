@@ -10,9 +10,14 @@ Per request: raw image bytes (`curl -T img`, `row["body"]`), a multipart field `
 `{"class": probability, ...}`, top-k highest first (the convention of TorchServe's
 image_classifier). A bad request gets, for that request only, an HTTP status and
 `{"error": "...", "code": N}`:
-  400  empty body, malformed JSON, bad base64, truncated or corrupt image
-  413  width x height above `max_pixels` (checked from the header, before pixels are decoded)
+  400  empty body, malformed or too deeply nested JSON, JSON that is not {"data": "<base64>"},
+       bad base64, truncated or corrupt image
+  413  width x height above `max_pixels`, or a side above `max_side` (from the header, before
+       any pixel is decoded)
   415  bytes that are not a JPEG, PNG, BMP, GIF or WebP image
+Work and memory per image are bounded by `max_pixels`, `max_side` and the model's input size,
+whatever the image's shape: preprocess_version 2 crops the region that reaches the output before
+resizing (see toolkit/preprocess.py, of which this is a copy).
 The other requests of the batch are answered normally: bad input never raises out of `handle`,
 because TorchServe would turn any exception into one error status for the whole batch.
 """
@@ -34,7 +39,7 @@ from http import HTTPStatus
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 from ts.utils.util import PredictionException  # defined in ts, so this module keeps one class
 
@@ -44,6 +49,11 @@ logger = logging.getLogger(__name__)
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 NOT_AN_IMAGE = "not a decodable image (JPEG, PNG, BMP, GIF, WebP)"
 HEADER_LOCK = threading.Lock()
+PREPROCESS_VERSION = 2  # the newest toolkit/preprocess.py this copy implements (1 is still served)
+REDUCING_GAP = 2
+V1_MAX_ASPECT = 20
+# A body starting with one of these is JSON, not an image: no image format's magic begins so.
+JSON_START = tuple(b'{["-0123456789tfn"')
 
 
 def draft(img: Image.Image, size: int) -> None:
@@ -52,6 +62,55 @@ def draft(img: Image.Image, size: int) -> None:
     the antialiased resize to `size` follows from there. Copy of toolkit/preprocess.py."""
     if img.format == "JPEG" and min(img.size) >= 4 * size:
         img.draft(None, (2 * size, 2 * size))
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The EXIF orientation applied, as viewers do; unreadable EXIF is ignored. Copy of toolkit/preprocess.py."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # PIL raises several types for malformed EXIF; the pixels themselves are fine
+        pass
+    return img
+
+
+def square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central square. Copy of toolkit/preprocess.py."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def crop_region(img: Image.Image, policy: str) -> Image.Image:
+    """All of the image ("resize") or its central square. Copy of toolkit/preprocess.py."""
+    box = square_box(*img.size)
+    if policy == "resize" or box == (0, 0, *img.size):
+        return img
+    return img.crop(box)
+
+
+def box_reduce(img: Image.Image, size: int) -> Image.Image:
+    """Box-average by whole factors until each side is under 4 x size. Copy of toolkit/preprocess.py."""
+    factors = (max(1, img.size[0] // (REDUCING_GAP * size)), max(1, img.size[1] // (REDUCING_GAP * size)))
+    return img if factors == (1, 1) else img.reduce(factors)
+
+
+def over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency -> "RGB" over white, a strip of about 1 M pixels at a time (all
+    per pixel: the whole-image result, without three full-size RGBA copies). Copy of toolkit/preprocess.py."""
+    out = Image.new("RGB", img.size)
+    rows = max(1, 2**20 // max(1, img.width))
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(img.height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+    return out
+
+
+def short(text: object, limit: int = 40) -> str:
+    """A client's string as it may appear in an error: escaped (ASCII repr) and cut to `limit` characters."""
+    shown = ascii(str(text))
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class ImageClassifierHandler:
@@ -82,10 +141,19 @@ class ImageClassifierHandler:
             raise ValueError(f"preprocess.json: bad channels/mean/std: {self.pre}")
         if self.pre["resize"] not in ("resize", "resize_center_crop"):
             raise ValueError(f"preprocess.json: unknown resize policy {self.pre['resize']!r}")
+        # No version: an export from before version 2, whose model was trained with version 1.
+        self.version = int(self.pre.get("preprocess_version", 1))
+        if self.version not in (1, PREPROCESS_VERSION):
+            raise ValueError(f"preprocess.json: preprocess_version {self.version} is newer than this handler "
+                             f"({PREPROCESS_VERSION}): archive the export with the toolkit that made it")
+        if self.version == 1:
+            logger.warning("preprocess.json has preprocess_version 1 (resize before crop): images more elongated "
+                           "than %d:1 are refused; a model trained with version 2 accepts any shape", V1_MAX_ASPECT)
         self.scale = torch.tensor([1 / (255 * s) for s in std], dtype=torch.float32).view(-1, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(-1, 1, 1)
         self.topk = int(self.pre.get("topk", 5))
         self.max_pixels = int(self.pre.get("max_pixels", 40_000_000))
+        self.max_side = int(self.pre.get("max_side", 65_535))
         handler_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler") or {}
         # TorchServe's switch for handler timing (model-config.yaml `handler: {profile: true}`).
         self.profile = bool(handler_cfg.get("profile"))
@@ -176,31 +244,49 @@ class ImageClassifierHandler:
 
     # ---------------------------------------------------------------- one request
     @staticmethod
-    def request_bytes(row) -> bytes:
+    def fields(row) -> str:
+        """The field names of a request, for an error message: a few, each escaped and cut short
+        (a client chooses them: one 100 kB name must not come back whole)."""
+        if not isinstance(row, dict):
+            return type(row).__name__
+        names = sorted(map(str, row))
+        listed = ", ".join(short(name) for name in names[:5])
+        return f"[{listed}{f', ... {len(names) - 5} more' if len(names) > 5 else ''}]"
+
+    @staticmethod
+    def parse_json(value: bytes) -> object:
+        """A body that starts like JSON -> the parsed value. A body opening an object or array that
+        does not parse is a 400; one that merely starts like a scalar ("nonsense") stays bytes."""
+        try:
+            return json.loads(value)
+        except RecursionError:  # json's C parser recurses once per level: ~1,000 levels of [[[...
+            raise PredictionException("malformed JSON: nested too deeply", 400) from None
+        except ValueError as e:  # also UnicodeDecodeError
+            if value.lstrip()[:1] in (b"{", b"["):
+                raise PredictionException(f"malformed JSON: {short(e, 120)}", 400) from None
+            return bytes(value)
+
+    @classmethod
+    def request_bytes(cls, row) -> bytes:
         """The encoded image of one request, whichever way it was sent."""
-        value = row.get("data") if isinstance(row, dict) else None
-        if value is None and isinstance(row, dict):
-            value = row.get("body")
-        if value is None:
-            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise PredictionException(f"no 'data' or 'body' field in the request (got {fields})", 400)
+        if not isinstance(row, dict) or ("data" not in row and "body" not in row):
+            raise PredictionException(f"no 'data' or 'body' field in the request (got {cls.fields(row)})", 400)
+        value = row["data"] if "data" in row else row["body"]
         if isinstance(value, str):  # a text/* body: TorchServe decoded it to str
             value = value.encode("utf-8")
         if isinstance(value, (bytes, bytearray)):
             if not value.strip():
                 raise PredictionException("body is empty", 400)
-            # No image format starts with "{": this is JSON that TorchServe did not parse (no
-            # application/json content type) or could not parse (then it passes the bytes on).
-            if value.lstrip()[:1] != b"{":
+            # JSON that TorchServe did not parse (no application/json content type) or could not
+            # (then it passes the bytes on): no image format starts like JSON does.
+            if value.lstrip()[0] not in JSON_START:
                 return bytes(value)
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise PredictionException(f"malformed JSON: {e}", 400) from None
+            value = cls.parse_json(value)
+            if isinstance(value, bytes):  # started like a JSON scalar, but is not JSON
+                return value
         if not isinstance(value, dict):
-            raise PredictionException(
-                f'unsupported body ({type(value).__name__}): send image bytes or JSON {{"data": "<base64>"}}', 400
-            )
+            kind = "null" if value is None else type(value).__name__
+            raise PredictionException(f'unsupported body (JSON {kind}): send image bytes or JSON {{"data": "<base64>"}}', 400)
         data = value.get("data")
         if not isinstance(data, str) or not data.strip():
             raise PredictionException('JSON body must be {"data": "<base64 image>"}', 400)
@@ -229,44 +315,64 @@ class ImageClassifierHandler:
             except Image.UnidentifiedImageError:
                 raise PredictionException(NOT_AN_IMAGE, 415) from None
             except Exception as e:  # a recognised format whose header is damaged
-                raise PredictionException(f"{NOT_AN_IMAGE}: {e}", 400) from None
+                raise PredictionException(f"{NOT_AN_IMAGE}: {short(e, 120)}", 400) from None
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-        width, height = img.size
-        if width * height > self.max_pixels:
-            raise PredictionException(
-                f"image is {width}x{height} = {width * height} pixels, above the limit {self.max_pixels}", 413
-            )
+        self.check_shape(*img.size)
         try:
             img.seek(0)
             draft(img, self.pre["image_size"])
             img.load()
         except Exception as e:
-            raise PredictionException(f"{img.format} image is truncated or corrupt: {e}", 400) from None
-        return img
+            raise PredictionException(f"{img.format} image is truncated or corrupt: {short(e, 120)}", 400) from None
+        return upright(img)
 
-    # Copy of toolkit/preprocess.py: draft -> to_mode -> pil_to_tensor -> resize_uint8 -> normalize.
+    def check_shape(self, width: int, height: int) -> None:
+        """The limits that bound a request's work, from the header: 413 naming the one exceeded."""
+        if width * height > self.max_pixels:
+            raise PredictionException(f"image is {width}x{height} = {width * height} pixels, above the limit "
+                                      f"{self.max_pixels} (serve.max_pixels)", 413)
+        if max(width, height) > self.max_side:
+            # PIL keeps a pointer per row and converts row by row: 1 x 40,000,000 costs 1.5 s and
+            # 0.3-0.8 GB at 40 M pixels, where 610 x 65,535 costs a fraction of that.
+            raise PredictionException(f"image is {width}x{height}, a side above the limit {self.max_side} "
+                                      "(serve.max_side)", 413)
+        if self.version == 1 and max(width, height) > V1_MAX_ASPECT * min(width, height):
+            raise PredictionException(f"image is {width}x{height}, more elongated than {V1_MAX_ASPECT}:1, the limit "
+                                      "for models made with preprocess_version 1 (resize before crop); "
+                                      "retrain to accept any shape", 413)
+
+    # Copy of toolkit/preprocess.py: draft -> upright -> crop_region -> to_mode -> box_reduce ->
+    # pil_to_tensor -> resize_uint8 -> normalize.
     @staticmethod
     def to_mode(img: Image.Image, channels: int) -> Image.Image:
         """Any PIL mode -> "L" or "RGB": 16/32-bit scaled to 8 bits, transparency over white."""
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            values = np.asarray(img, dtype=np.int64)
-            img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+            values = np.asarray(img) >> 8  # at the native width (uint16/int32): no int64 copy of 40 M pixels
+            img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
         elif img.mode == "F":
             values = np.asarray(img, dtype=np.float64)
             img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img).convert("RGB")
+        if img.mode == "P" and "transparency" not in img.info:
+            img = img.convert("RGB")
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):
+            img = over_white(img)
         target = "L" if channels == 1 else "RGB"
         return img if img.mode == target else img.convert(target)
 
+    def bounded(self, img: Image.Image) -> torch.Tensor:
+        """Decoded image -> uint8 C x H x W of the region that reaches the output, box-reduced so that
+        each side is under 4 x S (toolkit.preprocess.pil_to_uint8 before its resize)."""
+        channels, size = self.pre["channels"], self.pre["image_size"]
+        if self.version == 1:
+            return F.pil_to_tensor(self.to_mode(img, channels))
+        return F.pil_to_tensor(box_reduce(self.to_mode(crop_region(img, self.pre["resize"]), channels), size))
+
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 C x H x W -> C x S x S, antialiased bilinear (toolkit.preprocess.resize_uint8)."""
+        """uint8 C x H x W (from `bounded`) -> C x S x S, antialiased bilinear (toolkit.preprocess.resize_uint8)."""
         size, policy = self.pre["image_size"], self.pre["resize"]
+        if self.version == 2:  # already cropped: a square, or the whole image for "resize"
+            policy = "resize"
         if policy == "resize":
             if images.shape[-2:] != (size, size):
                 images = F.resize(images, [size, size], antialias=True)
@@ -283,7 +389,7 @@ class ImageClassifierHandler:
 
     def image_to_tensor(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> normalised float C x S x S, exactly as toolkit.preprocess_image."""
-        return self.normalize(self.resize(F.pil_to_tensor(self.to_mode(img, self.pre["channels"]))))
+        return self.normalize(self.resize(self.bounded(img)))
 
     # ---------------------------------------------------------------- the batch
     @staticmethod
@@ -298,10 +404,11 @@ class ImageClassifierHandler:
             return None, (500, f"internal error while preprocessing: {type(e).__name__}")
 
     def decode_row(self, row) -> torch.Tensor:
-        """One request -> its decoded uint8 C x H x W. Runs in the decoding threads: PIL and numpy
-        only; torch ops stay on the worker's own thread, where they use its intra-op threads (from
-        several threads at once they would oversubscribe the cores)."""
-        return F.pil_to_tensor(self.to_mode(self.decode(self.request_bytes(row)), self.pre["channels"]))
+        """One request -> its decoded, cropped and box-reduced uint8 C x H x W (each side under 4 x S,
+        so a batch holds little whatever was sent). Runs in the decoding threads: PIL and numpy only;
+        torch ops stay on the worker's own thread, where they use its intra-op threads (from several
+        threads at once they would oversubscribe the cores)."""
+        return self.bounded(self.decode(self.request_bytes(row)))
 
     def preprocess(self, data):
         """-> (N_good x C x S x S float batch in the model's layout, or None; indices of the good

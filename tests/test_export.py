@@ -33,7 +33,7 @@ def make_run(run_dir: Path, model_name: str = "mnist_cnn", channels: int = 1, im
             model(torch.randn(8, channels, image_size, image_size) * 2 + 0.5)
     meta = {"model": {"name": model_name, "args": {}}, "num_classes": len(CLASSES), "classes": CLASSES,
             "channels": channels, "image_size": image_size, "resize": "resize",
-            "mean": [0.5] * channels, "std": [0.25] * channels, "epoch": 1, "val_acc": 0.5}
+            "mean": [0.5] * channels, "std": [0.25] * channels, "epoch": 1, "val_acc": 0.5, "preprocess_version": 2}
     run_dir.mkdir(parents=True, exist_ok=True)
     save_best(run_dir, getattr(model, "_orig_mod", model), meta, epoch=1)
     cfg = RunConfig.model_validate({"serve": serve or {}})
@@ -54,7 +54,7 @@ def test_export_matches_eager_model(tmp_path, model_name, channels, image_size):
     assert json.loads((out / "index_to_name.json").read_text()) == {"0": "cat", "1": "dog", "2": "owl", "3": "yak"}
     assert json.loads((out / "preprocess.json").read_text()) == {
         "channels": channels, "image_size": image_size, "resize": "resize", "mean": [0.5] * channels,
-        "std": [0.25] * channels, "topk": 3, "max_pixels": 1234}
+        "std": [0.25] * channels, "topk": 3, "max_pixels": 1234, "max_side": 65_535, "preprocess_version": 2}
 
     from toolkit.checkpoint import load_best
 
@@ -65,6 +65,16 @@ def test_export_matches_eager_model(tmp_path, model_name, channels, image_size):
         assert torch.allclose(scripted(images), eager(images), atol=1e-5)
         # eval mode was exported: dropout and BatchNorm are deterministic
         assert torch.equal(scripted(images), scripted(images))
+
+
+def test_a_checkpoint_from_before_preprocess_versions_is_exported_as_version_1(tmp_path):
+    """Its model was trained resizing before cropping: the handler must keep doing so for it."""
+    run = make_run(tmp_path / "run")
+    meta_path = run / "checkpoints" / "best" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["preprocess_version"]
+    meta_path.write_text(json.dumps(meta))
+    assert json.loads((export.export_torchscript(run) / "preprocess.json").read_text())["preprocess_version"] == 1
 
 
 def test_topk_argument_overrides_config_and_is_capped(tmp_path):

@@ -125,9 +125,8 @@ def served(demo, tmp_path_factory):
     out = export.export_torchscript(run)
     assert json.loads((out / "parity.json").read_text())["max_abs_diff"] <= 1e-4
     pre = json.loads((out / "preprocess.json").read_text())
-    assert {k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std", "topk", "max_pixels")} == {
-        "channels": 1, "image_size": IMAGE_SIZE, "resize": "resize", "mean": [0.5], "std": [0.5],
-        "topk": 3, "max_pixels": 40_000_000}
+    assert pre == {"channels": 1, "image_size": IMAGE_SIZE, "resize": "resize", "mean": [0.5], "std": [0.5],
+                   "topk": 3, "max_pixels": 40_000_000, "max_side": 65_535, "preprocess_version": 2}
     mar = archive.build_archive(run)
     assert mar == run / "model-store" / "digits.mar"
     assert set(archive.REQUIRED_ENTRIES) <= set(zipfile.ZipFile(mar).namelist())

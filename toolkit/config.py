@@ -34,7 +34,7 @@ class DataConfig(Section):
     download: bool = Field(False, description="Let torchvision download a missing dataset into `root` (needs internet).")
     image_size: Optional[int] = Field(None, gt=0, description="Square side the model sees; null = the dataset's own (28 for MNIST, 32 for CIFAR, 8 for digits).")
     channels: Optional[Literal[1, 3]] = Field(None, description="1 = grayscale, 3 = RGB; null = the dataset's own. Images are converted either way.")
-    resize: Literal["resize", "resize_center_crop"] = Field("resize", description="How images reach image_size: squash, or short side then centre crop (ImageNet style).")
+    resize: Literal["resize", "resize_center_crop"] = Field("resize", description="How images reach image_size: squash, or the central square (the region ImageNet's short side + centre crop keeps), cropped before resizing so the cost is bounded whatever the shape (preprocess_version 2).")
     mean: Optional[list[float]] = Field(None, description="Per-channel normalisation mean on the 0..1 scale; null = the dataset's default.")
     std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null = the dataset's default.")
     num_classes: int = Field(10, ge=2, description="Number of classes (synthetic data only; other sources read it from the data).")
@@ -46,6 +46,8 @@ class DataConfig(Section):
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (per-sample pipeline only).")
     pipeline: Literal["auto", "memory", "loader"] = Field("auto", description="memory: decode once into a uint8 tensor and augment whole batches; loader: per-sample DataLoader; auto: memory when it fits under memory_limit_mb.")
     memory_limit_mb: float = Field(4096, gt=0, description="Largest uint8 dataset (train + val) that `pipeline: auto` keeps in memory.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Largest image file (width x height) training reads, checked from the header before decoding; a larger file stops the run with its path (as serve.max_pixels answers 413).")
+    max_side: int = Field(65_535, gt=0, description="Longest side of an image file training reads (PIL's cost grows with the rows: a 1 x 40,000,000 PNG takes 1.5 s and 0.3-0.8 GB); a longer file stops the run with its path.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation, applied to whole batches on the training device.")
 
     @model_validator(mode="after")
@@ -164,7 +166,8 @@ class ServeConfig(Section):
     max_workers: int = Field(1, gt=0, description="Most worker processes.")
     response_timeout_s: int = Field(30, gt=0, description="Seconds before a worker is considered stuck.")
     topk: int = Field(5, gt=0, description="Classes in each answer (never more than the model has).")
-    max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height) the handler decodes.")
+    max_pixels: int = Field(40_000_000, gt=0, description="Largest image (width x height) the handler decodes; larger ones get 413, from the header, before any pixel is decoded.")
+    max_side: int = Field(65_535, gt=0, description="Longest image side the handler decodes (65,535 is JPEG's own limit); longer ones get 413 from the header. PIL's cost grows with the rows: 1 x 40,000,000 pixels costs 1.5 s and 0.3-0.8 GB.")
     channels_last: Optional[bool] = Field(None, description="Memory format the handler feeds the model: "
                                           "null = channels_last for batches of 2+ and, for one image, the faster "
                                           "of the two timed at load; true or false = that format always.")

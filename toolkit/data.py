@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from toolkit.config import DataConfig
-from toolkit.errors import ToolkitError
-from toolkit.preprocess import Preprocess, load_uint8, normalize, resize_uint8
+from toolkit.errors import ImageFileError, ToolkitError
+from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, load_uint8, normalize, resize_uint8
 
 NATIVE = {  # channels, image size, default mean/std (on 0..1) per source
     "synthetic": (3, 32, [0.5], [0.5]),
@@ -52,17 +52,21 @@ class TensorImages(Dataset):
 
 
 class FileImages(Dataset):
-    """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory."""
+    """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory.
+    A file that cannot be read, or is above `limits`, stops the run with a ToolkitError naming it."""
 
-    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess):
-        self.samples, self.pre = samples, pre
+    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None):
+        self.samples, self.pre, self.limits = samples, pre, limits
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        return load_uint8(path, self.pre), label
+        try:
+            return load_uint8(path, self.pre, self.limits), label
+        except READ_ERRORS as exc:
+            raise ImageFileError(f"{path}: cannot use this image: {exc}") from None
 
 
 def _pass_through(batch):
@@ -126,7 +130,8 @@ def build_data(cfg: DataConfig) -> DataBundle:
         mean, std = ([sum(mean) / len(mean)], [sum(std) / len(std)]) if channels == 1 else (mean * 3, std * 3)
     if len(mean) == 1 and channels == 3:
         mean, std = mean * 3, std * 3
-    pre = Preprocess(channels=channels, image_size=size, resize=cfg.resize, mean=list(mean), std=list(std))
+    pre = Preprocess(channels=channels, image_size=size, resize=cfg.resize, mean=list(mean), std=list(std),
+                     preprocess_version=PREPROCESS_VERSION)
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, pre)
     if cfg.name == "synthetic":
@@ -249,7 +254,8 @@ def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
         raise ToolkitError(f"data.root: {root}: {exc}") from None
     nbytes = (len(train_samples) + len(val_samples)) * pre["channels"] * pre["image_size"] ** 2
     pipeline = _choose_pipeline(cfg, nbytes)
-    train, val = FileImages(train_samples, pre), FileImages(val_samples, pre)
+    limits = Limits(max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+    train, val = FileImages(train_samples, pre, limits), FileImages(val_samples, pre, limits)
     if pipeline == "memory":
         train, val = _decode_all(train), _decode_all(val)
     return DataBundle(train, val, list(train_ds.classes), pre, pipeline)

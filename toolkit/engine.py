@@ -230,7 +230,8 @@ def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
     eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
     augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
     meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
-            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")}}
+            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")},
+            "preprocess_version": pre["preprocess_version"]}
 
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:

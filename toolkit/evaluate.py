@@ -16,7 +16,7 @@ from toolkit import report as rep
 from toolkit.checkpoint import load_best
 from toolkit.data import FileImages, TensorImages
 from toolkit.errors import ToolkitError
-from toolkit.preprocess import Preprocess, load_uint8, normalize
+from toolkit.preprocess import READ_ERRORS, Preprocess, load_uint8, normalize, preprocess_from
 
 EVAL_DIR = "eval"
 SHOWN = 20  # images in predictions.png and misclassified.png
@@ -45,7 +45,7 @@ def decode(path: str, pre: Preprocess) -> torch.Tensor:
     """An image file -> uint8 C x S x S, exactly as toolkit.preprocess.preprocess_image before normalising."""
     try:
         return load_uint8(path, pre)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for unreadable files
+    except READ_ERRORS as exc:  # PIL raises several types for unreadable files
         raise ToolkitError(f"{path}: cannot read this image: {exc}") from None
 
 
@@ -116,7 +116,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None,
     console = console or Console(soft_wrap=True)
     model, meta = load_best(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    pre = Preprocess(**{k: meta[k] for k in ("channels", "image_size", "resize", "mean", "std")})
+    pre = preprocess_from(meta)  # the version the model was trained with
     if data_root is None:
         data, batch_size = run_validation_set(run_dir, meta)
     else:

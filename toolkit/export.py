@@ -95,6 +95,9 @@ def preprocess_settings(meta: dict, cfg: RunConfig, topk: int | None) -> dict:
         "std": list(meta["std"]),
         "topk": min(topk, meta["num_classes"]),  # serve.topk: "never more than the model has"
         "max_pixels": cfg.serve.max_pixels,
+        "max_side": cfg.serve.max_side,
+        # Absent from meta.json before version 2: those models were trained with version 1.
+        "preprocess_version": meta.get("preprocess_version", 1),
     }
 
 

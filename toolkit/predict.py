@@ -16,13 +16,13 @@ from toolkit.errors import ToolkitError
 
 def load_tensor(path: Path, pre) -> torch.Tensor:
     """One image file -> the model's input C x S x S; a file that is not an image is the user's error."""
-    from toolkit.preprocess import preprocess_image
+    from toolkit.preprocess import READ_ERRORS, preprocess_image
 
     try:
         return preprocess_image(str(path), pre)
     except FileNotFoundError:
         raise ToolkitError(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL: unidentified, truncated or corrupt
+    except READ_ERRORS as exc:  # PIL: unidentified, truncated or corrupt
         raise ToolkitError(f"{path}: cannot read this image: {exc}") from None
 
 
@@ -35,7 +35,9 @@ def predict_files(run_dir: str | Path, paths: list[str | Path], topk: int = 5,
         raise ToolkitError(f"--topk: {topk} must be at least 1")
     model, meta = load_best(Path(run_dir))
     classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    pre = {k: meta[k] for k in ("channels", "image_size", "resize", "mean", "std")}
+    from toolkit.preprocess import preprocess_from
+
+    pre = preprocess_from(meta)  # the version the model was trained with
     k = min(topk, len(classes))
     answers = []
     paths = [Path(p) for p in paths]

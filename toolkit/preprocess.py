@@ -2,28 +2,53 @@
 
 This is the one definition that training, `toolkit predict`, evaluation and (by a copy that the
 tests hold equal) the TorchServe handler share. Its settings travel with the model in
-`meta.json` / `preprocess.json` as a `Preprocess` dict.
+`meta.json` / `preprocess.json` as a `Preprocess` dict, with the `preprocess_version` that made it:
+
+  1  resize the short side to S, then centre-crop: the resize's tensor grew with the aspect ratio
+     (a 1 x 100,000 image asked for 15 GB). Kept for models trained with it, for aspect ratios up to
+     V1_MAX_ASPECT only.
+  2  (current) crop the region that maps to the output first (the central square for
+     "resize_center_crop"), box-average it down by whole factors until each side is under
+     4 x S (PIL's Image.reduce), then the same antialiased resize: work and memory are bounded
+     by the decoded pixels and S, whatever the shape.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 ResizePolicy = Literal["resize", "resize_center_crop"]
+PREPROCESS_VERSION = 2
+REDUCING_GAP = 2  # box-reduce only while at least 2 x S stays on that side (as PIL's thumbnail does)
+V1_MAX_ASPECT = 20  # version 1's resize tensor is S x (S * aspect): refused above this
+KEYS = ("channels", "image_size", "resize", "mean", "std")
+# What PIL raises for a file that is not a readable image (DecompressionBombError is none of the others).
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class Preprocess(TypedDict):
     channels: int  # 1 (grayscale) or 3 (RGB)
     image_size: int  # square side in pixels
-    resize: ResizePolicy  # "resize": squash to SxS; "resize_center_crop": short side S, centre crop
+    resize: ResizePolicy  # "resize": squash to SxS; "resize_center_crop": central square, then SxS
     mean: list[float]  # one per channel, on the 0..1 scale
     std: list[float]
+    preprocess_version: NotRequired[int]  # absent = 1 (meta.json and preprocess.json before version 2)
+
+
+def preprocess_from(meta: dict) -> Preprocess:
+    """The Preprocess recorded in meta.json or preprocess.json; files without a version are version 1."""
+    pre = Preprocess(**{k: meta[k] for k in KEYS})
+    pre["preprocess_version"] = int(meta.get("preprocess_version", 1))
+    if pre["preprocess_version"] not in (1, PREPROCESS_VERSION):
+        raise ValueError(f"preprocess_version {pre['preprocess_version']} is not 1 or {PREPROCESS_VERSION} "
+                         "(made by a newer toolkit?)")
+    return pre
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
@@ -33,23 +58,93 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     transparent pixels are composited over white, so an RGBA logo looks as it does in a viewer.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.int64)
-        img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
+        values = np.asarray(img) >> 8  # at the native width (uint16/int32): no int64 copy of 40 M pixels
+        img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
     elif img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
         img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img).convert("RGB")
+    if img.mode == "P" and "transparency" not in img.info:
+        img = img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):
+        img = over_white(img)
     target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
 
 
-def resize_uint8(images: torch.Tensor, size: int, policy: ResizePolicy) -> torch.Tensor:
+def over_white(img: Image.Image) -> Image.Image:
+    """An image with transparency -> "RGB", composited over white, a strip of about 1 M pixels at a
+    time: every step is per pixel, so the result is the whole-image one's, without three full-size
+    RGBA copies alive at once (760 MB at 40 M pixels)."""
+    out = Image.new("RGB", img.size)
+    rows = max(1, 2**20 // max(1, img.width))
+    for top in range(0, img.height, rows):
+        box = (0, top, img.width, min(img.height, top + rows))
+        strip = img.crop(box).convert("RGBA")
+        white = Image.new("RGBA", strip.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, strip).convert("RGB"), box[:2])
+    return out
+
+
+# ---------------------------------------------------------------- version 2: bounded
+def square_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the central min(width, height) square."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def crop_region(img: Image.Image, policy: ResizePolicy) -> Image.Image:
+    """The part of the image that reaches the output: all of it ("resize") or its central square.
+    Cropping commutes with to_mode (a per-pixel conversion), so it may run first, on fewer pixels."""
+    box = square_box(*img.size)
+    if policy == "resize" or box == (0, 0, *img.size):
+        return img
+    return img.crop(box)
+
+
+def reduce_factors(width: int, height: int, size: int) -> tuple[int, int]:
+    """Whole box-average factors that leave each side in [2S, 4S) (1 where it is under 4S already)."""
+    return max(1, width // (REDUCING_GAP * size)), max(1, height // (REDUCING_GAP * size))
+
+
+def box_reduce(img: Image.Image, size: int) -> Image.Image:
+    """"L" or "RGB" image -> box-averaged by whole factors (Image.reduce: one pass, memory of the output)."""
+    factors = reduce_factors(*img.size, size)
+    return img if factors == (1, 1) else img.reduce(factors)
+
+
+def tensor_bounded(images: torch.Tensor, size: int, policy: ResizePolicy) -> torch.Tensor:
+    """The same crop and reduction as crop_region + box_reduce, on uint8 (N)xCxHxW tensors (the
+    in-memory datasets): through PIL where a reduction is due, so both paths agree bit for bit."""
+    if policy == "resize_center_crop":
+        left, top, right, bottom = square_box(images.shape[-1], images.shape[-2])
+        images = images[..., top:bottom, left:right]
+    if reduce_factors(images.shape[-1], images.shape[-2], size) == (1, 1):
+        return images
+    flat = images.reshape(-1, *images.shape[-3:])
+    reduced = [F.pil_to_tensor(box_reduce(F.to_pil_image(image), size)) for image in flat]
+    return torch.stack(reduced).reshape(*images.shape[:-2], *reduced[0].shape[-2:])
+
+
+def resize_uint8(images: torch.Tensor, size: int, policy: ResizePolicy, version: int = PREPROCESS_VERSION) -> torch.Tensor:
     """Resize uint8 images (CxHxW or NxCxHxW) to size x size with antialiased bilinear."""
+    if version == 1:
+        return resize_uint8_v1(images, size, policy)
+    images = tensor_bounded(images, size, policy)
+    if images.shape[-2:] != (size, size):
+        images = F.resize(images, [size, size], antialias=True)
+    return images
+
+
+# ---------------------------------------------------------------- version 1: models trained before
+def check_v1_shape(width: int, height: int) -> None:
+    if max(width, height) > V1_MAX_ASPECT * min(width, height):
+        raise ValueError(f"image is {width}x{height}, more elongated than {V1_MAX_ASPECT}:1, the limit for models "
+                         "made with preprocess_version 1 (resize before crop); retrain to accept any shape")
+
+
+def resize_uint8_v1(images: torch.Tensor, size: int, policy: ResizePolicy) -> torch.Tensor:
+    check_v1_shape(images.shape[-1], images.shape[-2])
     if policy == "resize":
         if images.shape[-2:] != (size, size):
             images = F.resize(images, [size, size], antialias=True)
@@ -59,9 +154,14 @@ def resize_uint8(images: torch.Tensor, size: int, policy: ResizePolicy) -> torch
     return F.center_crop(images, [size, size])
 
 
-def pil_to_uint8(img: Image.Image, channels: int, size: int, policy: ResizePolicy) -> torch.Tensor:
+# ---------------------------------------------------------------- PIL -> tensors
+def pil_to_uint8(img: Image.Image, channels: int, size: int, policy: ResizePolicy,
+                 version: int = PREPROCESS_VERSION) -> torch.Tensor:
     """PIL image of any mode -> uint8 tensor channels x size x size."""
-    return resize_uint8(F.pil_to_tensor(to_mode(img, channels)), size, policy)
+    if version == 1:
+        return resize_uint8_v1(F.pil_to_tensor(to_mode(img, channels)), size, policy)
+    img = box_reduce(to_mode(crop_region(img, policy), channels), size)
+    return resize_uint8(F.pil_to_tensor(img), size, policy)
 
 
 def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -80,23 +180,52 @@ def draft(img: Image.Image, size: int) -> None:
         img.draft(None, (2 * size, 2 * size))
 
 
-def open_image(source: str | bytes | Image.Image, size: int | None = None) -> Image.Image:
-    """Open a path or encoded bytes; the first frame of an animation. With `size` (the model's input
-    side), large JPEGs are decoded at a reduced scale that still covers it (see `draft`)."""
+def upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phones store photos sideways and tag them), as viewers do.
+    An unreadable EXIF block is ignored: the pixels are then taken as stored."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an image that needs no turn
+    except Exception:  # PIL raises several types for malformed EXIF; the pixels themselves are fine
+        pass
+    return img
+
+
+class Limits(TypedDict):
+    max_pixels: int  # width x height
+    max_side: int  # PIL keeps a pointer per row: 1 x 40,000,000 costs 1.5 s and 0.3-0.8 GB
+
+
+def check_limits(width: int, height: int, limits: Limits | None, section: str = "data") -> None:
+    """ValueError naming the config key when the header's size is above a limit (the handler's rule)."""
+    if limits is None:
+        return
+    if width * height > limits["max_pixels"]:
+        raise ValueError(f"image is {width}x{height} = {width * height} pixels, above the limit "
+                         f"{limits['max_pixels']} ({section}.max_pixels)")
+    if max(width, height) > limits["max_side"]:
+        raise ValueError(f"image is {width}x{height}, a side above the limit {limits['max_side']} ({section}.max_side)")
+
+
+def open_image(source: str | bytes | Image.Image, size: int | None = None, limits: Limits | None = None) -> Image.Image:
+    """Open a path or encoded bytes, upright; the first frame of an animation. With `size` (the
+    model's input side), large JPEGs are decoded at a reduced scale that still covers it (see
+    `draft`); with `limits`, larger images are refused from the header, before decoding."""
     if isinstance(source, Image.Image):
         return source
     img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    check_limits(*img.size, limits)
     img.seek(0)
     if size is not None:
         draft(img, size)
     img.load()
-    return img
+    return upright(img)
 
 
-def load_uint8(source: str | bytes | Image.Image, pre: Preprocess) -> torch.Tensor:
+def load_uint8(source: str | bytes | Image.Image, pre: Preprocess, limits: Limits | None = None) -> torch.Tensor:
     """One image (path, bytes or PIL) -> uint8 C x S x S: what training holds in memory."""
-    img = open_image(source, pre["image_size"])
-    return pil_to_uint8(img, pre["channels"], pre["image_size"], pre["resize"])
+    img = open_image(source, pre["image_size"], limits)
+    version = pre.get("preprocess_version", 1)  # as preprocess_from reads a file without one
+    return pil_to_uint8(img, pre["channels"], pre["image_size"], pre["resize"], version)
 
 
 def preprocess_image(source: str | bytes | Image.Image, pre: Preprocess) -> torch.Tensor:
