@@ -427,13 +427,26 @@ def test_topk_and_threads_settings(tmp_path, monkeypatch):
     answers, _ = handle(handler, model_dir, [{"body": bytearray(encode(pil_image("RGB"), "PNG"))}])
     assert len(answers[0]) == 7
 
+
+
+def test_torch_threads_split_the_cores_between_workers(tmp_path, monkeypatch):
+    """cores // workers unless model-config.yaml sets handler.torch_threads or the operator set
+    OMP_NUM_THREADS (then torch's own count stands). 8 cores are pretended, whatever this machine has."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(handler_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    handler = make_handler(make_model_dir(tmp_path))
+    ctx = make_context(tmp_path, 1)
+    for config, threads in (({"minWorkers": 1, "maxWorkers": 1}, 8), ({"minWorkers": 1, "maxWorkers": 2}, 4),
+                            ({"minWorkers": 3}, 2), ({"minWorkers": 64, "maxWorkers": 64}, 1),
+                            ({"maxWorkers": 2, "handler": {"torch_threads": 3}}, 3)):
+        ctx.model_yaml_config = config
+        assert handler._torch_threads(ctx) == threads, config
     threads_before = torch.get_num_threads()
     try:
-        ctx = make_context(model_dir, 1)
-        ctx.model_yaml_config = {"minWorkers": 1, "handler": {"torch_threads": 1}}
-        assert handler._torch_threads(ctx) == 1
-        ctx.model_yaml_config = {"minWorkers": 64, "maxWorkers": 64}
-        assert handler._torch_threads(ctx) == 1
+        torch.set_num_threads(3)  # as torch does at start-up from OMP_NUM_THREADS=3
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        ctx.model_yaml_config = {"minWorkers": 1, "maxWorkers": 1}
+        assert handler._torch_threads(ctx) == 3  # not 8: the operator's choice is kept
     finally:
         torch.set_num_threads(threads_before)
 
@@ -478,7 +491,6 @@ def test_the_batch_is_normalised_straight_into_the_models_layout(tmp_path):
     model_dir = make_model_dir(tmp_path, channels=3, image_size=28)
     handler = make_handler(model_dir)
     assert handler.batch_layout == torch.channels_last
-    assert handler.single_layout in (torch.channels_last, torch.contiguous_format)  # measured at load
     rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(3)]
     expected = torch.stack([handler.image_to_tensor(Image.open(io.BytesIO(bytes(r["body"])))) for r in rows])
     batch, good, errors = handler.preprocess(rows)
@@ -502,6 +514,16 @@ class LayoutStub:
         if x.is_contiguous(memory_format=self.slow):
             time.sleep(0.02)
         return torch.zeros(len(x), 10)
+
+
+@pytest.mark.parametrize("measured", [torch.channels_last, torch.contiguous_format])
+def test_initialize_feeds_one_image_in_the_measured_layout(tmp_path, monkeypatch, measured):
+    monkeypatch.setattr(handler_module.ImageClassifierHandler, "measure_single_layout",
+                        lambda self, runs=3: (measured, "stub"))
+    handler = make_handler(make_model_dir(tmp_path, channels=3, image_size=28))
+    assert handler.single_layout == measured and handler.batch_layout == torch.channels_last
+    one, _, _ = handler.preprocess([{"body": bytearray(encode(pil_image("RGB"), "PNG"))}])
+    assert one.is_contiguous(memory_format=measured)
 
 
 @pytest.mark.parametrize("slow", [torch.channels_last, torch.contiguous_format])
@@ -654,3 +676,36 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
     finally:
         subprocess.run([str(bin_dir / "torchserve"), "--stop"], cwd=run, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+
+def test_a_model_failure_fails_the_whole_batch(tmp_path):
+    """A forward pass that raises is the server's problem, not one request's: the exception leaves
+    handle() (TorchServe then answers every request of the batch 503) and no partial answer is made."""
+    model_dir = make_model_dir(tmp_path)
+    handler = make_handler(model_dir)
+
+    def broken(batch):
+        raise RuntimeError("model exploded")
+
+    handler.model = broken
+    rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(2)] + [{"body": b"junk"}]
+    with pytest.raises(RuntimeError, match="model exploded"):
+        handle(handler, model_dir, rows)
+
+
+def test_a_model_that_cannot_be_frozen_runs_unfrozen_with_the_same_answers(tmp_path, monkeypatch, caplog):
+    model_dir = make_model_dir(tmp_path, channels=3)
+    rows = [{"body": bytearray(encode(pil_image("RGB", seed=i), "PNG"))} for i in range(3)]
+    frozen, _ = handle(make_handler(model_dir), model_dir, rows)
+
+    def refuse(model, *args, **kwargs):
+        raise RuntimeError("cannot freeze this module")
+
+    monkeypatch.setattr(handler_module.torch.jit, "freeze", refuse)
+    with caplog.at_level("WARNING"):
+        handler = make_handler(model_dir)
+    assert "cannot be frozen (cannot freeze this module): running it unfrozen" in caplog.text
+    assert isinstance(handler.model, torch.jit.ScriptModule)
+    unfrozen, _ = handle(handler, model_dir, rows)
+    for a, b in zip(frozen, unfrozen):
+        assert list(a) == list(b) and list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
