@@ -131,13 +131,16 @@ def served(demo, tmp_path_factory):
     assert mar == run / "model-store" / "digits.mar"
     assert set(archive.REQUIRED_ENTRIES) <= set(zipfile.ZipFile(mar).namelist())
 
-    port = free_port_block()
     state_root = root / "state"
-    # TS_* variables would switch token auth off and the model API on, were the template's
-    # enable_envvars_config=false not honoured: the token and model-API tests below would then fail
-    started = run_cli("serve", "start", "--model-store", str(mar.parent), "--port", str(port),
-                      "--state-root", str(state_root),
-                      env={"TS_DISABLE_TOKEN_AUTHORIZATION": "true", "TS_ENABLE_MODEL_API": "true"})
+    for _ in range(3):  # the ports were free when picked; another process may take one before java binds it
+        port = free_port_block()
+        # TS_* variables would switch token auth off and the model API on, were the template's
+        # enable_envvars_config=false not honoured: the token and model-API tests below would then fail
+        started = run_cli("serve", "start", "--model-store", str(mar.parent), "--port", str(port),
+                          "--state-root", str(state_root),
+                          env={"TS_DISABLE_TOKEN_AUTHORIZATION": "true", "TS_ENABLE_MODEL_API": "true"})
+        if started.returncode == 0 or "already in use" not in started.stderr + started.stdout:
+            break
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"http://127.0.0.1:{port}/predictions/digits" in started.stdout and "Authorization: Bearer" in started.stdout
