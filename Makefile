@@ -39,8 +39,8 @@ test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test]'
-	@echo "newest releases installed where they differ from $(CONSTRAINTS):"
-	@$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -vxFf $(CONSTRAINTS) | sed 's/^/  /' || echo "  none"
+	@newer="$$($(LATEST)/bin/python -m pip freeze --exclude-editable | grep -vxFf $(CONSTRAINTS))"; \
+	  echo "newest releases installed where they differ from $(CONSTRAINTS): $${newer:-none}"
 	PATH="$(CURDIR)/$(LATEST)/bin:$$PATH" $(LATEST)/bin/python -m pytest $(TESTS)
 
 test-latest-lane:
