@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI turns them into a message and exit status 2, no traceback."""
+"""Errors a user can fix. The CLI turns them into a message and exit status 2, no traceback; report()
+says the message once, where the launcher around the process lets a user see it last."""
 
 from __future__ import annotations
 
