@@ -19,8 +19,30 @@ threads="${OMP_NUM_THREADS:-$(( $(nproc) / num_processes ))}"
 
 export ACCELERATE_USE_CPU=1
 export OMP_NUM_THREADS="$threads"
-exec "${ACCELERATE:-accelerate}" launch --config_file "$here/multi_gpu.yaml" --multi_gpu \
+# A user error (bad config, missing data, a taken run directory, a refused launch) is written by the main
+# process to TOOLKIT_ERROR_FILE instead of stderr: the launcher prints its own failure report when the
+# processes end, so this script prints the message after it, as the last line, and exits 2 like
+# `toolkit train`. -q keeps Accelerate's traceback of the launcher itself out.
+errors="$(mktemp)"
+trap 'rm -f "$errors"' EXIT
+TOOLKIT_ERROR_FILE="$errors" "${ACCELERATE:-accelerate}" launch -q --config_file "$here/multi_gpu.yaml" --multi_gpu \
   --num_processes "$num_processes" --num_machines 1 \
   --mixed_precision no --dynamo_backend no \
   --main_process_port "${MAIN_PROCESS_PORT:-0}" \
-  "$here/../toolkit/train.py" "$@"
+  "$here/../toolkit/train.py" "$@" &
+launcher=$!
+# The launcher runs in the background so that this script can speak after it; signals sent to the
+# script reach it as they would have with exec (a terminal's Ctrl-C reaches both anyway).
+trap 'kill -s TERM "$launcher" 2>/dev/null' TERM HUP
+trap 'kill -s INT "$launcher" 2>/dev/null' INT
+status=0
+wait "$launcher" || status=$?
+while (( status > 128 )) && kill -0 "$launcher" 2>/dev/null; do  # a forwarded signal ended the wait, not the run
+  status=0
+  wait "$launcher" || status=$?
+done
+if [[ -s "$errors" ]]; then
+  cat "$errors" >&2
+  exit 2
+fi
+exit "$status"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -59,9 +60,9 @@ def kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=30)
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict | None = None, timeout: float = 180, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run a launch to its end; a launch still running after `timeout` (a hang) is killed, workers too."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=_environment(env))
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -70,6 +71,38 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 180) -> subpro
         stdout, stderr = proc.communicate()
         raise AssertionError(f"the launch hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+# Stand-ins for SLURM on one machine: `srun` starts one task per "node" here, each with its SLURM_NODEID;
+# `scontrol show hostnames a,b` prints a and b, one a line.
+SRUN = """#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done  # srun's own options
+pids=()
+for (( i=0; i<SLURM_NNODES; i++ )); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+SCONTROL = """#!/usr/bin/env bash
+for n in ${3//,/ }; do echo "$n"; done
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_slurm(tmp_path: Path, nodes: int = 2) -> dict:
+    """The environment of launch/slurm.sbatch as a job of `nodes` nodes with one process each, on this machine."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    return {"PATH": f"{fake_bin}:{BIN}:{os.environ['PATH']}",
+            "SLURM_JOB_NODELIST": ",".join(f"127.0.0.{i + 1}" for i in range(nodes)), "SLURM_NNODES": str(nodes),
+            "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()),
+            "ACCELERATE": str(BIN / "accelerate"), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
 class Background:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, launched_world_size, report
 
 EXIT_USER_ERROR = 2
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args) or 0
     except ToolkitError as exc:
         if not getattr(exc, "quiet", False):
-            print(f"error: {exc}", file=sys.stderr)
+            report(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: checkpoints/last holds the last finished epoch; continue with --resume", file=sys.stderr)
@@ -92,7 +92,14 @@ def cmd_train(args) -> int:
     from toolkit.config import load_config
 
     overrides = args.overrides + (["train.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)  # before torch is imported: config errors are instant
+    try:
+        cfg = load_config(args.config, overrides)  # before torch is imported: config errors are instant
+    except ToolkitError as exc:
+        if (launched_world_size() or 1) > 1:  # every process of a launch reads the same bad config: one reports
+            from toolkit.engine import report_from_main_process
+
+            report_from_main_process(exc)
+        raise
     from toolkit.engine import train
 
     summary = train(cfg)

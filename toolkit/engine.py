@@ -24,7 +24,7 @@ from rich.console import Console
 from toolkit import checkpoint
 from toolkit.config import RunConfig, dump_yaml
 from toolkit.data import BatchAugment, build_data, build_loaders, num_steps
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, launched_world_size, report
 from toolkit.models import build_model, freeze_backbone, load_pretrained, train_mode
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
 from toolkit.progress import Reporter, epoch_line
@@ -107,9 +107,6 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
 
 
-WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, MPI
-
-
 def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
     """Refuse, on every process alike, the launches that would otherwise run silently wrong."""
     problems = []
@@ -119,7 +116,7 @@ def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
         problems.append("model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only (DDP refuses it on the "
                         "CPU); set model.sync_batchnorm: false")
-    asked = next((int(os.environ[k]) for k in WORLD_SIZE_VARS if os.environ.get(k, "").isdigit()), None)
+    asked = launched_world_size()
     if asked is not None and asked != accelerator.num_processes:
         problems.append(f"WORLD_SIZE is {asked} but Accelerate runs {accelerator.num_processes} process(es): the "
                         "launcher started independent copies. On CPUs use launch/cpu.sh (see launch/README.md).")
@@ -197,11 +194,23 @@ def train(cfg: RunConfig, console: Console | None = None) -> dict:
             # launcher stops all processes as soon as one exits with an error, which could cut the main
             # process's message off: the main process reports it first, then all leave together.
             if accelerator.is_main_process:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+                report(exc)
             accelerator.wait_for_everyone()
             exc.quiet = True  # reported once, here
         accelerator.end_training()
         raise
+
+
+def report_from_main_process(exc: ToolkitError) -> None:
+    """A config error in a launch of several processes: every process has it (same file), so the main one
+    reports it and the others wait for that before they all exit, as train() does for later errors."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))  # as Accelerator reads it
+    if state.is_main_process:
+        report(exc)
+    state.wait_for_everyone()
+    exc.quiet = True
 
 
 def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:

@@ -1,8 +1,13 @@
-"""Errors a user can fix. The CLI turns them into a message and exit status 2, no traceback."""
+"""Errors a user can fix. The CLI turns them into a message and exit status 2, no traceback; report()
+says the message once, where the launcher around the process lets a user see it last."""
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
+import sys
+import time
 
 
 class ToolkitError(Exception):
@@ -35,3 +40,38 @@ class ImageFileError(ToolkitError):
         if message.startswith(f"Caught {type(self).__name__}") and "Original Traceback" in message:
             message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
         super().__init__(message)
+
+
+ERROR_FILE_VAR = "TOOLKIT_ERROR_FILE"
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, MPI
+
+
+def launched_world_size() -> int | None:
+    """The process count a launcher announced (torchrun, MPI), or None: read before Accelerate exists."""
+    return next((int(os.environ[k]) for k in WORLD_SIZE_VARS if os.environ.get(k, "").isdigit()), None)
+
+
+def report(exc: ToolkitError) -> None:
+    """Say a user error once, as `error: ...`: on stderr, or appended to the file named by
+    TOOLKIT_ERROR_FILE, which launch/cpu.sh and launch/slurm.sbatch set so that they can print it after
+    the launcher's own failure report (the last line a user sees names the problem). Printed under
+    torchrun, it also goes to the worker's error file, so the launcher's report that follows names it as
+    the root cause instead of pointing at its documentation."""
+    message = f"error: {exc}"
+    path = os.environ.get(ERROR_FILE_VAR)
+    if path and _write(path, message + "\n", "a"):
+        return  # the script that set it prints it last (an unwritable file must not hide the message)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+    elastic = os.environ.get("TORCHELASTIC_ERROR_FILE")  # torchrun's per-worker file (torch.distributed.elastic)
+    if elastic:
+        _write(elastic, json.dumps({"message": message, "timestamp": int(time.time())}), "w")
+
+
+def _write(path: str, text: str, mode: str) -> bool:
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+        return True
+    except OSError:
+        return False
