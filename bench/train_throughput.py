@@ -20,6 +20,12 @@ time per side, and how much CPU other processes took meanwhile (they distort the
     python bench/train_throughput.py                       # about 2 minutes on 2 cores
     python bench/train_throughput.py --seeds 42,1,2,3      # means over seeds (accuracy noise)
     python bench/train_throughput.py --epochs 10 --threads 4 --train-variants 12
+
+Options for finding where the two sides' accuracies differ (the default measures as above):
+--crop-padding/--hflip augment both sides alike (plain: torchvision's per-image RandomCrop and
+RandomHorizontalFlip on the PIL image; toolkit: data.augment.*); --plain-channels-last runs the
+plain loop's model and batches channels_last, as the toolkit's default does; --toolkit-set
+changes the toolkit side. The table also gives each side's spread over seeds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,11 +118,16 @@ def plain_side(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    train_set = datasets.ImageFolder(str(args.data / "train"), transform=transform, loader=load_gray)
+    augment = ([transforms.RandomCrop(28, padding=args.crop_padding)] if args.crop_padding else []) + (
+        [transforms.RandomHorizontalFlip()] if args.hflip else [])
+    train_transform = transforms.Compose([*augment, transform]) if augment else transform
+    train_set = datasets.ImageFolder(str(args.data / "train"), transform=train_transform, loader=load_gray)
     val_set = datasets.ImageFolder(str(args.data / "val"), transform=transform, loader=load_gray)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     val_loader = DataLoader(val_set, batch_size=1000, num_workers=args.workers)
     model = build_model("mnist_cnn", len(train_set.classes), 1, 28)
+    layout = torch.channels_last if args.plain_channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=args.gamma)
     rates, val_acc = [], 0.0
@@ -124,7 +136,7 @@ def plain_side(args) -> dict:
         t0, seen = time.perf_counter(), 0
         for data, target in train_loader:
             optimizer.zero_grad()
-            output = model(data)
+            output = model(data.contiguous(memory_format=layout))
             loss = F.cross_entropy(output, target)
             loss.backward()
             optimizer.step()
@@ -135,10 +147,19 @@ def plain_side(args) -> dict:
         correct = 0
         with torch.no_grad():
             for data, target in val_loader:
-                correct += (model(data).argmax(1) == target).sum().item()
+                correct += (model(data.contiguous(memory_format=layout)).argmax(1) == target).sum().item()
         val_acc = correct / len(val_set)
         print(f"plain   epoch {epoch}: {rates[-1]:,.0f} img/s, val acc {val_acc:.2%}", flush=True)
-    return {"images_per_s": sum(rates) / len(rates), "val_acc": val_acc, "settings": "fp32, contiguous"}
+    return {"images_per_s": sum(rates) / len(rates), "val_acc": val_acc, "settings": plain_settings(args)}
+
+
+def plain_settings(args) -> str:
+    settings = ["fp32", "channels_last" if args.plain_channels_last else "contiguous"]
+    if args.crop_padding or args.hflip:
+        settings.append("per-image " + " + ".join(
+            ([f"RandomCrop(padding={args.crop_padding})"] if args.crop_padding else []) +
+            (["RandomHorizontalFlip"] if args.hflip else [])))
+    return ", ".join(settings)
 
 
 def toolkit_settings(args, seed: int) -> list[str]:
@@ -148,6 +169,10 @@ def toolkit_settings(args, seed: int) -> list[str]:
             "optim.name=adam", f"optim.lr={args.lr}", "schedule.name=step", "schedule.step_epochs=1",
             f"schedule.gamma={args.gamma}", f"train.epochs={args.epochs}", f"train.num_threads={args.threads}",
             f"train.seed={seed}"]
+    if args.crop_padding:
+        same.append(f"data.augment.crop_padding={args.crop_padding}")
+    if args.hflip:
+        same.append("data.augment.hflip=true")
     return same + list(args.toolkit_set)
 
 
@@ -228,6 +253,11 @@ def parse_args(argv=None):
     p.add_argument("--sides", default="plain,toolkit", help="comma-separated: plain, toolkit")
     p.add_argument("--toolkit-set", action="append", default=None, metavar="KEY=VALUE",
                    help="settings of the toolkit side (default: none, the toolkit's defaults)")
+    p.add_argument("--crop-padding", type=int, default=0, metavar="N",
+                   help="both sides: random 28x28 crop of the image zero-padded by N pixels (default 0: off)")
+    p.add_argument("--hflip", action="store_true", help="both sides: random horizontal flip (default: off)")
+    p.add_argument("--plain-channels-last", action="store_true",
+                   help="the plain loop's model and batches in channels_last, as the toolkit's default")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--child", choices=["plain"], help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -241,9 +271,12 @@ def run_side(side: str, args, seed: int, work: Path, env: dict) -> dict:
         cmd = [sys.executable, __file__, "--child", "plain", "--result", str(out), "--data", str(args.data),
                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                "--gamma", str(args.gamma), "--threads", str(args.threads), "--workers", str(args.workers),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--crop-padding", str(args.crop_padding)]
+        cmd += ["--hflip"] if args.hflip else []
+        cmd += ["--plain-channels-last"] if args.plain_channels_last else []
         measured = run_measured(cmd, env)
-        return {**json.loads(out.read_text()), **measured, "settings": f"fp32, contiguous, DataLoader {args.workers} workers"}
+        return {**json.loads(out.read_text()), **measured,
+                "settings": f"{plain_settings(args)}, DataLoader {args.workers} workers"}
     if side == "toolkit":
         cmd, run_dir = toolkit_side(args, seed, work)
         print("toolkit: " + (" ".join(args.toolkit_set) or "defaults"), flush=True)
@@ -305,7 +338,10 @@ def print_table(results: dict) -> None:
               f"{r['peak_pss_mb']:>12,.0f} {r['wall_s']:>7.1f} {r['cpu_s']:>6.0f} {r['others_cpu']:>6.0%}  {r['settings']}")
     if any(len(r["val_accs"]) > 1 for r in results.values()):
         for side, r in results.items():
-            print(f"{side} val acc per seed: {', '.join(f'{a:.2%}' for a in r['val_accs'])}")
+            accs = r["val_accs"]
+            print(f"{side} val acc per seed: {', '.join(f'{a:.2%}' for a in accs)} "
+                  f"(mean {sum(accs) / len(accs):.2%}, min-max {min(accs):.2%}-{max(accs):.2%}, sample SD "
+                  f"{100 * statistics.stdev(accs):.2f} points)")
     if {"plain", "toolkit"} <= results.keys():
         plain, fast = results["plain"], results["toolkit"]
         print(f"\ntoolkit / plain: {fast['images_per_s'] / plain['images_per_s']:.2f}x images/s, "

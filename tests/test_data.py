@@ -105,6 +105,26 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
         assert any(torch.equal(out[i], w) for w in windows)
 
 
+def test_crop_offsets_and_flips_are_drawn_per_image_and_uniformly_as_torchvision_does():
+    # torchvision's RandomCrop(padding=p) + RandomHorizontalFlip, per image: every one of the
+    # (2p+1)^2 windows equally likely, a flip with probability 0.5, each image on its own draw
+    torch.manual_seed(0)
+    n, p, size = 10_000, 2, 6
+    images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    images[:, :, 0, 0] = 255  # a marker: where it lands tells the window
+    marker = random_crop(images, p)[:, 0] == 255
+    seen = marker.flatten(1).any(1)
+    assert 0.32 < seen.float().mean() < 0.40  # visible in 9 of the 25 windows
+    where = marker.flatten(1).float().argmax(1)[seen]
+    counts = torch.bincount(where, minlength=size * size)[[r * size + c for r in range(3) for c in range(3)]]
+    assert counts.min() > 0.85 * n / 25 and counts.max() < 1.15 * n / 25
+    pre = {"channels": 1, "image_size": size, "resize": "resize", "mean": [0.0], "std": [1.0]}
+    ramp = torch.arange(size, dtype=torch.uint8).view(1, 1, 1, size).expand(n, 1, size, size).contiguous()
+    flipped = (BatchAugment(pre, hflip=True)(ramp, train=True)[:, 0, 0, 0] > 0).float()
+    assert 0.47 < flipped.mean() < 0.53
+    assert abs(torch.corrcoef(torch.stack([flipped[:-1], flipped[1:]]))[0, 1]) < 0.05
+
+
 def test_batch_augment_flip_and_normalise():
     pre = {"channels": 1, "image_size": 4, "resize": "resize", "mean": [0.5], "std": [0.25]}
     images = torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8)
