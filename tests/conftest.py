@@ -31,7 +31,7 @@ def _fresh_accelerate_state():
 
 def train_run(tmp_path: Path, *overrides: str, config: str | Path = "smoke.yaml", name: str = "run"):
     """Train in this process with `configs/<config>` and overrides; returns (run_dir, summary)."""
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
     from toolkit.engine import train
 
     cfg = load_config(ROOT / "configs" / config if not Path(config).is_file() else config,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from toolkit import engine
-from toolkit.config import load_config
+from toolkit.config_io import load_config
 from toolkit.models import train_mode
 
 

@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from toolkit.config import ConfigError, RunConfig, load_config, parse_overrides
+from toolkit.config import RunConfig
+from toolkit.config_io import load_config, parse_overrides
+from toolkit.errors import ConfigError
 
 BAD_CONFIGS = [
     # (yaml text, --set overrides, fragments the message must contain)
@@ -132,7 +134,7 @@ def test_shipped_configs_validate(path, tmp_path):
 
 
 def test_readme_config_reference_is_current():
-    from toolkit.config import DOCS_END, DOCS_START, docs_markdown
+    from toolkit.config_io import DOCS_END, DOCS_START, docs_markdown
 
     text = (ROOT / "README.md").read_text()
     block = text.split(DOCS_START)[1].split(DOCS_END)[0].strip()

@@ -17,7 +17,7 @@ from conftest import ROOT, read_jsonl
 from launching import (EXPLICIT, REFERENCE, command, load_best_weights, load_resume_weights, processes_of,
                        reference_run, run)
 from toolkit.checkpoint import load_best
-from toolkit.config import load_config
+from toolkit.config_io import load_config
 from toolkit.data import BatchAugment, EpochShuffle, build_data
 from toolkit.models import build_model
 from toolkit.preprocess import normalize

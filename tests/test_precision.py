@@ -98,7 +98,7 @@ def test_auto_precision_follows_the_device_probes(monkeypatch, cpu_bf16, cuda, c
     import torch
 
     from toolkit import engine
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
 
     monkeypatch.setattr(engine, "native_bf16_cpu", lambda: cpu_bf16)
     monkeypatch.setattr(engine, "native_bf16_cuda", lambda: cuda_bf16)

@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 
 from conftest import ROOT, read_jsonl, train_run
 from toolkit.checkpoint import load_best
-from toolkit.config import load_config
-from toolkit.data import NATIVE
+from toolkit.config_io import load_config
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.names import DATASETS
 
 HALF = [0.5]
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -42,7 +42,7 @@ def recipe(name: str, *overrides: str, photos: Path | None = None):
 
 
 def shape_of(cfg) -> tuple[int, int]:
-    channels, size, _, _ = NATIVE[cfg.data.name]
+    channels, size = DATASETS[cfg.data.name][:2]
     return cfg.data.channels or channels, cfg.data.image_size or size
 
 

@@ -39,7 +39,7 @@ def test_synthetic_run_beats_chance_and_writes_run_dir(tmp_path):
     model, meta = load_best(run_dir)
     assert meta["classes"] == [f"class_{i}" for i in range(4)] and meta["image_size"] == 16
     from toolkit.data import build_data
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
     from toolkit.preprocess import normalize
 
     bundle = build_data(load_config(run_dir / "config.yaml").data)

@@ -22,7 +22,8 @@ from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from rich.console import Console
 
 from toolkit import checkpoint
-from toolkit.config import RunConfig, dump_yaml
+from toolkit.config import RunConfig
+from toolkit.config_io import dump_yaml
 from toolkit.data import BatchAugment, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model, freeze_backbone, load_pretrained, train_mode
