@@ -97,13 +97,13 @@ def test_auto_precision_follows_the_device_probes(monkeypatch, cpu_bf16, cuda, c
     """What `auto` resolves to on each kind of machine, whichever kind runs this test."""
     import torch
 
-    from toolkit import engine
+    from toolkit import runtime
     from toolkit.config_io import load_config
 
-    monkeypatch.setattr(engine, "native_bf16_cpu", lambda: cpu_bf16)
-    monkeypatch.setattr(engine, "native_bf16_cuda", lambda: cuda_bf16)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: cpu_bf16)
+    monkeypatch.setattr(runtime, "native_bf16_cuda", lambda: cuda_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     cfg = load_config("smoke.yaml", ["train.mixed_precision=auto", f"train.device={device}"])
-    assert engine.resolve_precision(cfg) == expected
-    assert engine.resolve_precision(load_config("smoke.yaml", ["train.mixed_precision=bf16"])) == ("bf16", "")
+    assert runtime.resolve_precision(cfg) == expected
+    assert runtime.resolve_precision(load_config("smoke.yaml", ["train.mixed_precision=bf16"])) == ("bf16", "")

@@ -131,7 +131,7 @@ def test_digits_default_reaches_95_percent(tmp_path):
 
 
 def test_allocator_keeps_freed_memory_unless_the_user_tunes_it(monkeypatch):
-    from toolkit.engine import MALLOC_OVERRIDES, keep_freed_memory
+    from toolkit.runtime import MALLOC_OVERRIDES, keep_freed_memory
 
     for key in MALLOC_OVERRIDES:
         monkeypatch.delenv(key, raising=False)

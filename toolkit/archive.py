@@ -17,10 +17,9 @@ import yaml
 
 import toolkit
 from toolkit.errors import ToolkitError
-from toolkit.export import (EXPORT_DIR, INDEX_FILE, MODEL_FILE, PREPROCESS_FILE, export_is_current,
-                            export_torchscript, load_run_config)
+from toolkit.export import INDEX_FILE, MODEL_FILE, PREPROCESS_FILE, export_is_current, export_torchscript
+from toolkit.rundir import RunDir, load_run_config
 
-MODEL_STORE = "model-store"
 MODEL_CONFIG = "model-config.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -94,12 +93,12 @@ def build_archive(run_dir: str | Path, name: str | None = None, version: str = "
         raise ToolkitError(f"archive version {version!r}: use letters, digits, '.', '_' and '-', e.g. 1.0")
     handler = handler_path()
     config = model_config(run_dir)  # reads config.yaml first: a clear error before any export work
-    export_dir = run_dir / EXPORT_DIR
+    export_dir = RunDir(run_dir).export
     if not export_is_current(run_dir):
         export_dir = export_torchscript(run_dir)
     (export_dir / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
-    store = run_dir / MODEL_STORE
+    store = RunDir(run_dir).model_store
     store.mkdir(parents=True, exist_ok=True)
     command = [
         archiver_command(),

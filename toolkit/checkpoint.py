@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError
+from toolkit.rundir import RunDir
 
 WEIGHTS = "weights.pt"
 META = "meta.json"
@@ -23,7 +24,7 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def staging_dir(run_dir: Path, kind: str, epoch: int) -> Path:

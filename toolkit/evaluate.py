@@ -17,8 +17,8 @@ from toolkit.checkpoint import load_best
 from toolkit.data import FileImages, TensorImages
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import Preprocess, load_uint8, normalize
+from toolkit.rundir import RunDir
 
-EVAL_DIR = "eval"
 SHOWN = 20  # images in predictions.png and misclassified.png
 DEFAULT_BATCH = 256
 
@@ -52,7 +52,7 @@ def decode(path: str, pre: Preprocess) -> torch.Tensor:
 def run_validation_set(run_dir: Path, meta: dict) -> tuple[EvalSet, int]:
     """The validation split the run was trained with, rebuilt from RUN_DIR/config.yaml."""
     from toolkit.data import build_data
-    from toolkit.export import load_run_config
+    from toolkit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data)
@@ -134,7 +134,7 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None,
                       checkpoint_val_acc=meta.get("val_acc"))
         rep.render_report(result, console)
 
-        out = run_dir / EVAL_DIR
+        out = RunDir(run_dir).eval
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(result, indent=2))
         rep.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), classes, out / "confusion_matrix.png")

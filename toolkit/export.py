@@ -10,31 +10,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from toolkit.checkpoint import WEIGHTS, checkpoints_dir, load_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
+from toolkit.rundir import RunDir, load_run_config
 
-EXPORT_DIR = "export"
 MODEL_FILE = "model.pt"
 INDEX_FILE = "index_to_name.json"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"  # how the file was made and checked; not part of the archive
 TOLERANCE = 1e-4
 PARITY_BATCH = 4
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """RUN/config.yaml (the resolved config the run was trained with) -> RunConfig."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ToolkitError(f"{run_dir}: no config.yaml (expected {path}); is this a run directory?")
-    try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except Exception as exc:  # yaml or pydantic: either way the file is not one we wrote
-        raise ToolkitError(f"{path}: not a valid run config: {exc}") from None
 
 
 @contextmanager
@@ -118,8 +106,7 @@ def export_torchscript(run_dir: str | Path, topk: int | None = None) -> Path:
     shape = (PARITY_BATCH, meta["channels"], meta["image_size"], meta["image_size"])
     example = torch.randn(shape, generator=generator)
 
-    export_dir = run_dir / EXPORT_DIR
-    staging = run_dir / f".{EXPORT_DIR}.tmp"
+    export_dir, staging = RunDir(run_dir).export, RunDir(run_dir).export_staging
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -143,7 +130,7 @@ def export_torchscript(run_dir: str | Path, topk: int | None = None) -> Path:
 def export_is_current(run_dir: str | Path) -> bool:
     """True when RUN/export holds a complete export at least as new as checkpoints/best."""
     run_dir = Path(run_dir)
-    export_dir = run_dir / EXPORT_DIR
+    export_dir = RunDir(run_dir).export
     files = [export_dir / name for name in (MODEL_FILE, INDEX_FILE, PREPROCESS_FILE)]
     if not all(f.is_file() for f in files):
         return False
