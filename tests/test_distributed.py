@@ -265,29 +265,26 @@ def test_cpu_flag_starting_one_process_is_refused(tmp_path):
 # ---------------------------------------------------------------- 10: the fp16 gradient scaler (CUDA)
 
 
-def test_gradient_scaler_state_is_part_of_the_resume_state(tmp_path, monkeypatch):
+def test_gradient_scaler_state_is_part_of_the_resume_state(tmp_path):
     """On CUDA, fp16 gives the Accelerator a GradScaler. No GPU here: one process in this process, with a
     CPU GradScaler put where Accelerate puts the CUDA one. Proves the engine's loop goes through it
     (scaled backward, scaler.step/update) and that checkpoints/last carries its state into a resume."""
     from conftest import train_run
-    from toolkit import engine
-
-    make_accelerator = engine.make_accelerator
+    from toolkit.runtime import make_accelerator
 
     def with_scaler(cfg):
         accelerator = make_accelerator(cfg)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
         return accelerator
 
-    monkeypatch.setattr(engine, "make_accelerator", with_scaler)
     common = ["train.epochs=2", "data.augment.crop_padding=2"]
-    straight, _ = train_run(tmp_path, *common, name="straight")
-    parts, _ = train_run(tmp_path, *common, "train.stop_after=1", name="parts")
+    straight, _ = train_run(tmp_path, *common, name="straight", accelerator=with_scaler)
+    parts, _ = train_run(tmp_path, *common, "train.stop_after=1", name="parts", accelerator=with_scaler)
     def scaler_state(run_dir):
         return torch.load(run_dir / "checkpoints" / "last" / "scaler.pt", weights_only=True)
 
     assert scaler_state(parts)["scale"] == 2.0**14  # 12 steps without overflow: doubled every 3rd step
-    train_run(tmp_path, *common, "train.resume=true", name="parts")
+    train_run(tmp_path, *common, "train.resume=true", name="parts", accelerator=with_scaler)
     assert scaler_state(parts) == scaler_state(straight) and scaler_state(parts)["scale"] == 2.0**18
     _equal_weights(load_file(parts / "checkpoints" / "last" / "model.safetensors"),
                    load_file(straight / "checkpoints" / "last" / "model.safetensors"))

@@ -76,6 +76,22 @@ def save_best(run_dir: Path, model: nn.Module, meta: dict, epoch: int) -> None:
     publish(run_dir, "best", staged)
 
 
+def save_last(run_dir: Path, accelerator, trainer_state: dict) -> None:
+    """Full resume state (Accelerate's save_state + trainer_state.json), staged then published
+    atomically. Every process calls it: save_state is collective."""
+    staged = staging_dir(run_dir, "last", trainer_state["epoch"])
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staged))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staged / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+        publish(run_dir, "last", staged)
+    accelerator.wait_for_everyone()
+
+
 def read_meta(path: Path) -> tuple[Path, dict]:
     """A run dir or a checkpoint dir -> (checkpoint dir, meta dict)."""
     path = Path(path)
