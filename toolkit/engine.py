@@ -135,6 +135,7 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
     train_mode(forward)
     # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only
     totals = torch.zeros(4, device=accelerator.device)
+    reduced = [0.0] * 4  # the totals at the previous reduce
     global_step = (epoch - 1) * run.steps_per_epoch  # optimizer steps
     reporter.start_epoch(epoch, run.cfg.train.epochs, len(loader))
     t0 = time.perf_counter()
@@ -157,12 +158,16 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
                                    torch.tensor(len(labels), device=totals.device), (~torch.isfinite(loss)).float()])
         if accelerator.sync_gradients:
             for hook in hooks:
-                hook.after_optimizer_step(run, global_step, loss, lr)
+                hook.after_optimizer_step(run, global_step)
         shown = (0,)
         if reduce_due(step, len(loader), reporter.log_every):  # reduce is collective: same steps everywhere
-            loss_sum, correct, seen, bad = accelerator.reduce(totals, reduction="sum").tolist()
+            now = accelerator.reduce(totals, reduction="sum").tolist()
+            loss_sum, correct, seen, bad = now
             if bad:  # every process sees the same sum, so all stop together; no checkpoint is written
                 raise non_finite(f"at epoch {epoch}, by step {step}")
+            for hook in hooks:  # the mean loss since the previous reduce
+                hook.at_reduce(run, global_step, (loss_sum - reduced[0]) / (seen - reduced[2]), lr)
+            reduced = now
             if reporter.wants_stats(step):  # progress of all processes, not process 0's
                 shown = (int(seen), loss_sum / seen, correct / seen)
         reporter.step(step, *shown)

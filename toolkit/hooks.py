@@ -18,8 +18,14 @@ class Hook:
     def on_start(self, run: Training) -> None:
         """Set-up is complete (and resumed): before the first epoch of this invocation."""
 
-    def after_optimizer_step(self, run: Training, global_step: int, loss, lr: float) -> None:
-        """After each optimizer step (not each micro-batch): `loss` is the step's loss, on the device."""
+    def after_optimizer_step(self, run: Training, global_step: int) -> None:
+        """After each optimizer step (not each micro-batch), e.g. to update an EMA of the weights.
+        Nothing here may read a value off the device: that is a sync per step."""
+
+    def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
+        """Every few steps, when the loop has just summed its on-device totals over all processes:
+        `loss` is the mean training loss (all processes) of the steps since the previous reduce,
+        `lr` the rate the last step used. The only place per-step values reach the host."""
 
     def after_epoch(self, run: Training, metrics: dict) -> None:
         """The epoch is validated, recorded and checkpointed; `metrics` is its metrics.jsonl line."""
@@ -29,14 +35,14 @@ class Hook:
 
 
 class Tracker(Hook):
-    """train.log_with: scalars to Accelerate's trackers: `Loss/train` and `lr` every optimizer step,
-    `epoch/*` every epoch, the config as hparams."""
+    """train.log_with: scalars to Accelerate's trackers, only at the reduce cadence (never a device
+    sync per step): `Loss/train` and `lr` every reduce, `epoch/*` every epoch, the config as hparams."""
 
     def on_start(self, run: Training) -> None:
         run.accelerator.init_trackers(run.cfg.train.run_name or "run", config=flat_hparams(run.cfg))
 
-    def after_optimizer_step(self, run: Training, global_step: int, loss, lr: float) -> None:
-        run.accelerator.log({"Loss/train": loss.item(), "lr": lr}, step=global_step)
+    def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
+        run.accelerator.log({"Loss/train": loss, "lr": lr}, step=global_step)
 
     def after_epoch(self, run: Training, metrics: dict) -> None:
         run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"},
