@@ -1,12 +1,11 @@
-"""TorchScript export of a run's best checkpoint, checked against the eager model: RUN/export/ holds
-model.pt, index_to_name.json and preprocess.json (all the TorchServe handler reads) and parity.json."""
+"""Export of a run's best checkpoint, checked against the eager model: RUN/export/ holds model.pt,
+index_to_name.json and preprocess.json (all the TorchServe handler reads) and parity.json. The
+TorchScript conversion itself is in torchscript.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,42 +14,14 @@ from torch import nn
 from toolkit.checkpoint import WEIGHTS, checkpoints_dir, load_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
+from toolkit.export.torchscript import MODEL_FILE, load_torchscript, quiet_jit, to_torchscript
 from toolkit.rundir import RunDir, load_run_config
 
-MODEL_FILE = "model.pt"
 INDEX_FILE = "index_to_name.json"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"  # how the file was made and checked; not part of the archive
 TOLERANCE = 1e-4
 PARITY_BATCH = 4
-
-
-@contextmanager
-def quiet_jit():
-    """TorchScript works but warns that it is deprecated; the toolkit uses it knowingly."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield
-
-
-def to_torchscript(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.ScriptModule, str]:
-    """Script the model (keeps any control flow); trace it with `example` when scripting fails."""
-    with quiet_jit():
-        try:
-            return torch.jit.script(model), "script"
-        except Exception as script_error:  # torchvision models with Python-only code, custom layers
-            try:
-                with torch.no_grad():
-                    return torch.jit.trace(model, example, check_trace=False), "trace"
-            except Exception as trace_error:
-                raise ToolkitError(f"cannot convert {type(model).__name__} to TorchScript: "
-                                   f"script failed ({script_error}); trace failed ({trace_error})") from None
-
-
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    with quiet_jit():
-        return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def check_parity(eager: nn.Module, path: Path, example: torch.Tensor) -> float:
