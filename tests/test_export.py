@@ -15,6 +15,7 @@ from toolkit.checkpoint import save_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model
+from toolkit.rundir import Meta
 
 CLASSES = ["cat", "dog", "owl", "yak"]
 
@@ -35,7 +36,7 @@ def make_run(run_dir: Path, model_name: str = "mnist_cnn", channels: int = 1, im
             "channels": channels, "image_size": image_size, "resize": "resize",
             "mean": [0.5] * channels, "std": [0.25] * channels, "epoch": 1, "val_acc": 0.5}
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_best(run_dir, getattr(model, "_orig_mod", model), meta, epoch=1)
+    save_best(run_dir, getattr(model, "_orig_mod", model), Meta(**meta), step=1)
     cfg = RunConfig.model_validate({"serve": serve or {}})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir

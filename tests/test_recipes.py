@@ -145,8 +145,8 @@ def test_recipe_trains_one_epoch_on_synthetic_data_of_its_shape(name, tmp_path):
     (epoch,) = read_jsonl(run_dir / "metrics.jsonl")
     assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["val_loss"])
     model, meta = load_best(run_dir)
-    assert (meta["model"]["name"], meta["channels"], meta["image_size"]) == (model_name, channels, size)
-    assert (meta["mean"], meta["std"]) == (mean, std)  # the recipe's normalisation travels with the weights
+    assert (meta.model.name, meta.channels, meta.image_size) == (model_name, channels, size)
+    assert (meta.mean, meta.std) == (mean, std)  # the recipe's normalisation travels with the weights
     with torch.no_grad():
         assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
     assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
@@ -169,7 +169,7 @@ def test_resnet18_transfer_trains_only_the_new_head(tmp_path):
     run_dir, summary = train_run(tmp_path, *overrides, config="cifar_resnet18.yaml")
     assert summary["status"] == "complete" and summary["val_samples"] == 8
     _, meta = load_best(run_dir)
-    assert (meta["image_size"], meta["resize"], meta["mean"]) == (224, "resize_center_crop", IMAGENET[0])
+    assert (meta.image_size, meta.resize, meta.mean) == (224, "resize_center_crop", IMAGENET[0])
 
     trained = weights(run_dir)
     head = {k for k in trained if k.startswith("fc.")}
@@ -197,7 +197,7 @@ def test_imagefolder_recipe_trains_on_real_files_in_both_pipelines(tmp_path, cap
         assert f"34 train / 8 val images, 3 classes, 3x64x64, {pipeline} pipeline" in capsys.readouterr().out
         assert summary["status"] == "complete"
         _, meta = load_best(runs[pipeline])
-        assert meta["classes"] == ["circle", "square", "triangle"]
+        assert meta.classes == ["circle", "square", "triangle"]
     # Decoding once into memory or per sample in workers gives the same pixels, hence the same run.
     assert read_jsonl(runs["memory"] / "metrics.jsonl")[0]["train_loss"] == \
         read_jsonl(runs["loader"] / "metrics.jsonl")[0]["train_loss"]

@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from rich.console import Console
 
-from toolkit import checkpoint
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
 from toolkit.hooks import Hook, default_hooks
@@ -64,7 +63,7 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console) -> Trainin
     run.t0 = t0
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:
-        accelerator.load_state(str(checkpoint.checkpoints_dir(cfg.run_dir) / "last"))
+        accelerator.load_state(str(run.keeper.dir / "last"))
         reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
         run.state = state
     return run
@@ -86,12 +85,12 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
                 break
             metrics = run_epoch(run, epoch, hooks)
             improved = state.record(metrics, cfg.train.patience)
+            step = epoch * run.steps_per_epoch
             if improved and main:
-                checkpoint.save_best(cfg.run_dir, run.net, {**run.meta, "epoch": epoch, "val_acc": metrics["val_acc"]},
-                                     epoch)
+                run.keeper.save_best(run.net, run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics["val_acc"]}), step)
             if main:
                 run.layout.append_metrics(metrics)
-            checkpoint.save_last(cfg.run_dir, run.accelerator, trainer_state(run))
+            run.keeper.save_last(run.accelerator, trainer_state(run), step)
             run.reporter.print(epoch_line(epoch, cfg.train.epochs, metrics, improved), highlight=False)
             for hook in hooks:
                 hook.after_epoch(run, metrics)

@@ -34,8 +34,7 @@ def predict_files(run_dir: str | Path, paths: list[str | Path], topk: int = 5,
     if topk < 1:
         raise ToolkitError(f"--topk: {topk} must be at least 1")
     model, meta = load_best(Path(run_dir))
-    classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    pre = {k: meta[k] for k in ("channels", "image_size", "resize", "mean", "std")}
+    classes, pre = meta.classes, meta.preprocess
     k = min(topk, len(classes))
     answers = []
     paths = [Path(p) for p in paths]

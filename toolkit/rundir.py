@@ -1,14 +1,17 @@
 """The layout of a run directory, owned here only: every path in it, and reading and writing its
-config, metrics and summary. Checkpoints (checkpoint.py), exports (export/) and archives (archive.py)
-are written under the directories this module names."""
+config, metrics and summary; and `Meta`, the typed, versioned meta.json that travels with a checkpoint,
+with the one reader that export, evaluate, predict and the archive use. Checkpoints (checkpoint.py),
+exports (export/) and archives (archive.py) are written under the directories this module names."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any, Literal, Optional
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from toolkit.config import RunConfig
 from toolkit.config_io import dump_yaml
@@ -23,6 +26,8 @@ EXPORT = "export"
 MODEL_STORE = "model-store"
 EVAL = "eval"
 TENSORBOARD = "tensorboard"
+META = "meta.json"  # in each checkpoints/best-* directory, beside the weights
+META_VERSION = 1
 
 
 class RunDir:
@@ -84,3 +89,76 @@ class RunDir:
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """RUN/config.yaml -> RunConfig."""
     return RunDir(run_dir).load_config()
+
+
+class ModelSpec(BaseModel):
+    name: str
+    args: dict[str, Any] = {}
+
+
+class Meta(BaseModel):
+    """meta.json: what the weights are (model, classes) and how an image reaches them (preprocessing),
+    enough to rebuild the model without the YAML; `epoch` and `val_acc` say which epoch it is."""
+    model_config = ConfigDict(extra="allow")  # keys of a later minor addition survive a read
+    format_version: int = META_VERSION
+    model: ModelSpec
+    num_classes: int
+    classes: list[str]
+    channels: Literal[1, 3]
+    image_size: int
+    resize: Literal["resize", "resize_center_crop"]
+    mean: list[float]
+    std: list[float]
+    epoch: Optional[int] = None
+    val_acc: Optional[float] = None
+
+    @property
+    def preprocess(self) -> dict:
+        """The Preprocess dict of toolkit/preprocess.py."""
+        return {"channels": self.channels, "image_size": self.image_size, "resize": self.resize,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+    @classmethod
+    def parse(cls, raw: dict, where: Path) -> "Meta":
+        """A meta.json's content, of any format version this toolkit knows, as a Meta."""
+        version = raw.get("format_version", 0)
+        if not isinstance(version, int) or version > META_VERSION:
+            raise ToolkitError(f"{where}: format_version {version!r} is newer than this toolkit reads "
+                               f"({META_VERSION}); upgrade the toolkit")
+        if version == 0:
+            raw = _from_version_0(raw)
+        try:
+            meta = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ToolkitError(f"{where}: not a valid {META}: {exc}") from None
+        if len(meta.classes) != meta.num_classes:
+            raise ToolkitError(f"{where}: lists {len(meta.classes)} classes for num_classes={meta.num_classes}")
+        return meta
+
+
+def _from_version_0(raw: dict) -> dict:
+    """meta.json as written before it had a format_version: the same keys, except that `classes` may be
+    missing or empty (the classes are then "0".."N-1", as the exports of the time named them), and
+    `resize` missing in checkpoints from before data.resize existed, when every image was squashed to
+    image_size: "resize"."""
+    upgraded = {**raw, "format_version": META_VERSION}
+    if not upgraded.get("classes") and isinstance(raw.get("num_classes"), int):
+        upgraded["classes"] = [str(i) for i in range(raw["num_classes"])]
+    upgraded.setdefault("resize", "resize")
+    return upgraded
+
+
+def read_meta(path: str | Path) -> tuple[Path, Meta]:
+    """A run directory or a checkpoint directory -> (checkpoint directory, its Meta)."""
+    path = Path(path)
+    ckpt = path if (path / META).is_file() else RunDir(path).checkpoints / "best"
+    if not (ckpt / META).is_file():
+        raise ToolkitError(f"{path}: no checkpoint found (expected {ckpt / META}); train a run first")
+    try:
+        raw = json.loads((ckpt / META).read_text())
+    except json.JSONDecodeError as exc:
+        raise ToolkitError(f"{ckpt / META}: not valid JSON: {exc}") from None
+    return ckpt, Meta.parse(raw, ckpt / META)

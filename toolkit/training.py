@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from toolkit import checkpoint
+from toolkit.checkpoint import Keeper
 from toolkit.config import RunConfig
 from toolkit.data import BatchAugment, DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model, freeze_backbone, load_pretrained
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
 from toolkit.progress import Reporter
-from toolkit.rundir import RunDir
+from toolkit.rundir import Meta, RunDir
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Training:
     accelerator: Accelerator
     reporter: Reporter
     layout: RunDir
+    keeper: Keeper
     bundle: DataBundle
     # The unwrapped network (one name for it): what checkpoints/best saves, what clipping and the
     # BatchNorm broadcast see. `model` is the same network after prepare() (DDP, training autocast).
@@ -74,7 +75,7 @@ class Training:
     effective_batch_size: int
     lr: float
     steps_per_epoch: int  # optimizer steps
-    meta: dict  # what checkpoints/best's meta.json says besides epoch and val_acc
+    meta: Meta  # checkpoints/best's meta.json but for epoch and val_acc
     state: RunState = field(default_factory=RunState)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -120,10 +121,10 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, re
     forward = torch.compile(model) if cfg.train.compile else model
     eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
     augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
-    meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
-            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")}}
+    meta = Meta(model={"name": cfg.model.name, "args": cfg.model.args}, num_classes=len(classes), classes=classes,
+                **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")})
     return Training(
-        cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), bundle=bundle, net=net,
+        cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), keeper=Keeper(cfg.run_dir), bundle=bundle, net=net,
         model=model, forward=forward, eval_forward=eval_forward, eval_precision=eval_precision, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, augment=augment,
         criterion=functools.partial(F.cross_entropy, label_smoothing=cfg.train.label_smoothing),
@@ -143,9 +144,9 @@ def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
     """Decide fresh start / resume / refuse (same decision on every process), then set the dir up."""
-    run_dir, layout = cfg.run_dir, RunDir(cfg.run_dir)
+    run_dir, layout, keeper = cfg.run_dir, RunDir(cfg.run_dir), Keeper(cfg.run_dir)
     occupied = layout.is_occupied()
-    state = checkpoint.read_trainer_state(run_dir) if cfg.train.resume else None
+    state = keeper.read_trainer_state() if cfg.train.resume else None
     if occupied and not cfg.train.resume and not cfg.train.overwrite:
         what = "a finished run" if layout.is_finished() else "a partial run"
         raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
@@ -157,7 +158,7 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState |
         elif cfg.train.resume and state is None and occupied:
             say(f"[yellow]{run_dir} has no complete checkpoint to resume: starting from the beginning[/]")
             layout.forget_progress()
-        checkpoint.clean_stale(run_dir)
+        keeper.clean_stale()
         layout.checkpoints.mkdir(parents=True, exist_ok=True)
         layout.write_config(cfg)
         if state is not None:  # epochs after the last checkpoint were lost: drop their lines

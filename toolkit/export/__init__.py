@@ -15,7 +15,7 @@ from toolkit.checkpoint import WEIGHTS, checkpoints_dir, load_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
 from toolkit.export.torchscript import MODEL_FILE, load_torchscript, quiet_jit, to_torchscript
-from toolkit.rundir import RunDir, load_run_config
+from toolkit.rundir import Meta, RunDir, load_run_config
 
 INDEX_FILE = "index_to_name.json"
 PREPROCESS_FILE = "preprocess.json"
@@ -41,20 +41,14 @@ def check_parity(eager: nn.Module, path: Path, example: torch.Tensor) -> float:
     return diff
 
 
-def preprocess_settings(meta: dict, cfg: RunConfig, topk: int | None) -> dict:
+def preprocess_settings(meta: Meta, cfg: RunConfig, topk: int | None) -> dict:
     """What the handler needs to turn image bytes into the model's input, and how to answer."""
     if topk is not None and topk < 1:
         raise ToolkitError(f"topk: {topk} must be at least 1")
     topk = cfg.serve.topk if topk is None else topk
-    return {
-        "channels": meta["channels"],
-        "image_size": meta["image_size"],
-        "resize": meta.get("resize", "resize"),
-        "mean": list(meta["mean"]),
-        "std": list(meta["std"]),
-        "topk": min(topk, meta["num_classes"]),  # serve.topk: "never more than the model has"
-        "max_pixels": cfg.serve.max_pixels,
-    }
+    return {**meta.preprocess,
+            "topk": min(topk, meta.num_classes),  # serve.topk: "never more than the model has"
+            "max_pixels": cfg.serve.max_pixels}
 
 
 def export_torchscript(run_dir: str | Path, topk: int | None = None) -> Path:
@@ -68,13 +62,10 @@ def export_torchscript(run_dir: str | Path, topk: int | None = None) -> Path:
     model, meta = load_best(run_dir)  # a fresh model: contiguous, not compiled, eval mode
     model = model.float().eval()
     settings = preprocess_settings(meta, cfg, topk)
-    classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    if len(classes) != meta["num_classes"]:
-        raise ToolkitError(f"{run_dir}: meta.json lists {len(classes)} classes for num_classes={meta['num_classes']}")
 
     # A fixed generator: the same check on every export, independent of the global seed.
     generator = torch.Generator().manual_seed(0)
-    shape = (PARITY_BATCH, meta["channels"], meta["image_size"], meta["image_size"])
+    shape = (PARITY_BATCH, meta.channels, meta.image_size, meta.image_size)
     example = torch.randn(shape, generator=generator)
 
     export_dir, staging = RunDir(run_dir).export, RunDir(run_dir).export_staging
@@ -86,9 +77,9 @@ def export_torchscript(run_dir: str | Path, topk: int | None = None) -> Path:
             scripted.save(str(staging / MODEL_FILE))
         diff = check_parity(model, staging / MODEL_FILE, example)
         parity = {"method": method, "max_abs_diff": diff, "tolerance": TOLERANCE, "input_shape": list(shape),
-                  "epoch": meta.get("epoch"), "torch": torch.__version__}
+                  "epoch": meta.epoch, "torch": torch.__version__}
         (staging / PARITY_FILE).write_text(json.dumps(parity, indent=2))
-        (staging / INDEX_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
+        (staging / INDEX_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(meta.classes)}, indent=2))
         (staging / PREPROCESS_FILE).write_text(json.dumps(settings, indent=2))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
