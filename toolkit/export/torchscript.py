@@ -1,4 +1,5 @@
-"""TorchScript, the toolkit's export format: scripted (keeps control flow), traced when scripting fails."""
+"""TorchScript, the first export format: scripted (keeps control flow), traced when scripting fails.
+serve/handler.py loads it with torch.jit.load (by the file's .pt suffix)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> tuple[torch.jit.S
             except Exception as trace_error:
                 raise ToolkitError(f"cannot convert {type(model).__name__} to TorchScript: "
                                    f"script failed ({script_error}); trace failed ({trace_error})") from None
+
+
+def save(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """Write `model` to `path`; returns how it was converted ("script" or "trace")."""
+    scripted, method = to_torchscript(model, example)
+    with quiet_jit():
+        scripted.save(str(path))
+    return method
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
