@@ -66,6 +66,11 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console) -> Trainin
         accelerator.load_state(str(run.keeper.dir / "last"))
         reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
         run.state = state
+    bundle, pre = run.bundle, run.bundle.preprocess
+    reporter.print(
+        f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
+        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
+        f"{cfg.model.name} | effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
     return run
 
 
@@ -74,11 +79,6 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
     cfg, state, main = run.cfg, run.state, run.accelerator.is_main_process
     for hook in hooks:
         hook.on_start(run)
-    bundle, pre = run.bundle, run.bundle.preprocess
-    run.reporter.print(
-        f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
-        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
-        f"{cfg.model.name} | effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
     try:
         for epoch in range(state.epoch + 1, run.last_epoch + 1):
             if state.stopped_early:
@@ -87,7 +87,8 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
             improved = state.record(metrics, cfg.train.patience)
             step = epoch * run.steps_per_epoch
             if improved and main:
-                run.keeper.save_best(run.net, run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics["val_acc"]}), step)
+                meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics["val_acc"]})
+                run.keeper.save_best(run.net, meta, step)
             if main:
                 run.layout.append_metrics(metrics)
             run.keeper.save_last(run.accelerator, trainer_state(run), step)
