@@ -70,6 +70,10 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
                             (load_best_weights(run_dir), load_best_weights(reference_dir))):
         assert mine.keys() == reference.keys()
         assert all((mine[k] == reference[k]).all() for k in mine)
-    best = f"best-e{summary['best_epoch']:04d}-s{8 * summary['best_epoch']:07d}"  # 8 optimizer steps an epoch
+    # Named by epoch and optimizer step (8 an epoch). Epoch 2's best was published by the run killed in 3,
+    # and again by the resumed run: that one took the next free name, since `best` pointed at the first.
+    epoch = summary["best_epoch"]
+    best = f"best-e{epoch:04d}-s{8 * epoch:07d}" + ("-2" if epoch == 2 else "")
+    assert (ckpt / "best").resolve().name == best
     leftovers = {p.name for p in ckpt.iterdir()} - {"best", "last", "last-e0003-s0000024", best}
     assert not leftovers  # the half-written directories of the killed runs are gone
