@@ -124,8 +124,8 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, re
     meta = Meta(model={"name": cfg.model.name, "args": cfg.model.args}, num_classes=len(classes), classes=classes,
                 **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")})
     return Training(
-        cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), keeper=Keeper(cfg.run_dir), bundle=bundle, net=net,
-        model=model, forward=forward, eval_forward=eval_forward, eval_precision=eval_precision, optimizer=optimizer,
+        cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), keeper=Keeper(cfg.run_dir),
+        bundle=bundle, net=net, model=model, forward=forward, eval_forward=eval_forward, eval_precision=eval_precision, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, augment=augment,
         criterion=functools.partial(F.cross_entropy, label_smoothing=cfg.train.label_smoothing),
         clip_grad_norm=cfg.train.clip_grad_norm, batch_size=batch_size, effective_batch_size=effective_batch,
