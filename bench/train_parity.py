@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     from toolkit import engine
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
     from toolkit.data import BatchAugment, build_data
     from toolkit.models import build_model
     from toolkit.optim import build_optimizer, build_scheduler

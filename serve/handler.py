@@ -112,6 +112,34 @@ def short(text: object, limit: int = 40) -> str:
     shown = ascii(str(text))
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
+def _load_torchscript(path: str, device: torch.device):
+    # TorchScript still works but warns that it is deprecated; the warning says nothing
+    # actionable to whoever reads the model log, so it is silenced here only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.load(path, map_location=device).eval()
+        try:
+            # Weights become constants, BatchNorm folds into the convolutions: a faster forward
+            # with the same outputs (to float rounding). A model that cannot be frozen runs as is.
+            return torch.jit.freeze(model)
+        except Exception as e:
+            logger.warning("%s cannot be frozen (%s): running it unfrozen", os.path.basename(path), e)
+            return model
+
+
+LOADERS = {".pt": _load_torchscript}  # suffix of the serialized file -> its loader, one per export format
+
+
+def _load_model(path: str, device: torch.device):
+    """The model in the archive's serialized file, loaded by the file's suffix (as TorchServe's
+    base_handler chooses between .pt, .onnx and .so/.pt2); the rest of the handler is format-blind."""
+    suffix = os.path.splitext(path)[1]
+    if suffix not in LOADERS:
+        raise ValueError(f"{os.path.basename(path)}: no loader for {suffix or 'files without a suffix'} "
+                         f"(known: {', '.join(LOADERS)})")
+    return LOADERS[suffix](path, device)
+
 
 class ImageClassifierHandler:
     """Decode each request, classify all good ones in one forward pass, answer each on its own."""
@@ -168,19 +196,9 @@ class ImageClassifierHandler:
         # on as many threads as this worker's share of the cores.
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
-        # TorchScript still works but warns that it is deprecated; the warning says nothing
-        # actionable to whoever reads the model log, so it is silenced here only.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(os.path.join(model_dir, "model.pt"), map_location=self.device).eval()
-            try:
-                # Weights become constants, BatchNorm folds into the convolutions: a faster forward
-                # with the same outputs (to float rounding). A model that cannot be frozen runs as is.
-                model = torch.jit.freeze(model)
-            except Exception as e:
-                logger.warning("model.pt cannot be frozen (%s): running it unfrozen", e)
-        self.model = model
+        # The archive's serialized file (TorchServe's manifest names it), loaded by its suffix.
+        serialized = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("serializedFile", "model.pt")
+        self.model = _load_model(os.path.join(model_dir, serialized), self.device)
         if forced is not None:  # `handler: {channels_last: true|false}`: the operator decides
             self.single_layout = self.batch_layout = torch.channels_last if forced else torch.contiguous_format
             layouts = f"{'channels_last' if forced else 'contiguous'} (set in model-config.yaml)"

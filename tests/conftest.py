@@ -29,14 +29,15 @@ def _fresh_accelerate_state():
         PartialState._reset_state()
 
 
-def train_run(tmp_path: Path, *overrides: str, config: str | Path = "smoke.yaml", name: str = "run"):
-    """Train in this process with `configs/<config>` and overrides; returns (run_dir, summary)."""
-    from toolkit.config import load_config
+def train_run(tmp_path: Path, *overrides: str, config: str | Path = "smoke.yaml", name: str = "run", **seams):
+    """Train in this process with `configs/<config>` and overrides; returns (run_dir, summary).
+    `seams` go to engine.train (hooks, accelerator)."""
+    from toolkit.config_io import load_config
     from toolkit.engine import train
 
     cfg = load_config(ROOT / "configs" / config if not Path(config).is_file() else config,
                       [FP32, f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides])
-    summary = train(cfg)
+    summary = train(cfg, **{k: v(cfg) if k == "accelerator" else v for k, v in seams.items()})
     return cfg.run_dir, summary
 
 

@@ -3,8 +3,8 @@ to OUT/rank<R>.pt, so a test can compare processes from outside.
 
     accelerate launch ... tests/rank_probe.py OUT --config smoke.yaml --set KEY=VALUE ...
 
-Nothing here changes what the engine does: the spies only keep references to objects the engine
-builds (its data bundle and prepared model) and note the torch RNG state at the first training
+Nothing here changes what the engine does: a hook (the engine's own seam for optional features) only
+keeps references to the set-up the engine builds and notes the torch RNG state at the first training
 augmentation."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from toolkit import engine
-from toolkit.config import load_config
+from toolkit.hooks import Hook
+from toolkit.config_io import load_config
 from toolkit.models import train_mode
+from toolkit.training import build_network
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -32,45 +34,36 @@ def _norm_layers(model: torch.nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
+class Probe(Hook):
+    """Keeps the set-up the engine built (data bundle, prepared model, accelerator) and notes the torch
+    RNG state and the BatchNorm modes when the first training batch is augmented."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def on_start(self, run):
+        self.seen.update(bundle=run.bundle, model=run.model, accelerator=run.accelerator)
+        augment = run.augment
+
+        def note_rng(images, train):
+            if train and "rng_at_first_augment" not in self.seen:
+                self.seen["rng_at_first_augment"] = torch.get_rng_state()
+                self.seen["bn_training"] = {n: m.training for n, m in _norm_layers(run.model)}
+            return augment(images, train)
+        run.augment = note_rng
+
+
 def main(out: Path, config: str, overrides: list[str]) -> None:
-    seen: dict = {}
-
-    build_data = engine.build_data
-    def keep_bundle(cfg):
-        seen["bundle"] = build_data(cfg)
-        return seen["bundle"]
-    engine.build_data = keep_bundle
-
-    make_accelerator = engine.make_accelerator
-    def keep_accelerator(cfg):
-        accelerator = make_accelerator(cfg)
-        prepare = accelerator.prepare
-        def keep_model(*objects):
-            prepared = prepare(*objects)
-            if len(objects) > 1:
-                seen.setdefault("model", prepared[0])
-            return prepared
-        accelerator.prepare = keep_model
-        seen["accelerator"] = accelerator
-        return accelerator
-    engine.make_accelerator = keep_accelerator
-
-    augment_forward = engine.BatchAugment.forward
-    def note_rng(self, images, train):
-        if train and "rng_at_first_augment" not in seen:
-            seen["rng_at_first_augment"] = torch.get_rng_state()
-            seen["bn_training"] = {n: m.training for n, m in _norm_layers(seen["model"])}
-        return augment_forward(self, images, train)
-    engine.BatchAugment.forward = note_rng
-
-    engine.train(load_config(config, overrides))
+    probe = Probe()
+    engine.train(load_config(config, overrides), hooks=[probe])
+    seen = probe.seen
 
     accelerator, bundle = seen["accelerator"], seen["bundle"]
     net = accelerator.unwrap_model(seen["model"])
     # The network the engine builds with model.sync_batchnorm on (DDP refuses SyncBatchNorm on the CPU,
     # so it cannot train here), in the mode train_mode gives it.
-    synced = engine.build_network(load_config(config, [*overrides, "model.sync_batchnorm=true"]), len(bundle.classes),
-                                  bundle.preprocess, accelerator.num_processes, print)
+    synced = build_network(load_config(config, [*overrides, "model.sync_batchnorm=true"]), len(bundle.classes),
+                           bundle.preprocess, accelerator.num_processes, print)
     train_mode(synced)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({

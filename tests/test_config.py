@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from toolkit.config import ConfigError, RunConfig, load_config, parse_overrides
+from toolkit.config import RunConfig
+from toolkit.config_io import load_config, parse_overrides
+from toolkit.errors import ConfigError
 
 BAD_CONFIGS = [
     # (yaml text, --set overrides, fragments the message must contain)
@@ -132,19 +133,19 @@ def test_shipped_configs_validate(path, tmp_path):
     # the model fits the data the config describes (a recipe with a wrong size or channel count fails here)
     import torch
 
-    from toolkit.data import NATIVE
+    from toolkit.names import DATASETS
     from toolkit.models import build_model
 
     source = "imagefolder" if cfg.data.name == "imagefolder" else cfg.data.name
-    channels = cfg.data.channels or NATIVE[source][0]
-    size = cfg.data.image_size or NATIVE[source][1]
+    channels = cfg.data.channels or DATASETS[source].channels
+    size = cfg.data.image_size or DATASETS[source].image_size
     model = build_model(cfg.model.name, 10, channels, size, cfg.model.args).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
 
 
 def test_readme_config_reference_is_current():
-    from toolkit.config import DOCS_END, DOCS_START, docs_markdown
+    from toolkit.config_io import DOCS_END, DOCS_START, docs_markdown
 
     text = (ROOT / "README.md").read_text()
     block = text.split(DOCS_START)[1].split(DOCS_END)[0].strip()

@@ -17,7 +17,7 @@ from conftest import ROOT, read_jsonl
 from launching import (EXPLICIT, REFERENCE, command, load_best_weights, load_resume_weights, processes_of,
                        reference_run, run)
 from toolkit.checkpoint import load_best
-from toolkit.config import load_config
+from toolkit.config_io import load_config
 from toolkit.data import BatchAugment, EpochShuffle, build_data
 from toolkit.models import build_model
 from toolkit.preprocess import normalize
@@ -67,10 +67,10 @@ def test_validation_counts_each_image_once_and_equals_one_process(reference):
     # checkpoints/best evaluated here, in one process, on the same 171 images
     model, meta = load_best(run_dir)
     best = metrics[summary["best_epoch"] - 1]
-    assert meta["epoch"] == summary["best_epoch"] and summary["best_val_acc"] == best["val_acc"] > 0.5
+    assert meta.epoch == summary["best_epoch"] and summary["best_val_acc"] == best["val_acc"] > 0.5
     images, labels = build_data(load_config(run_dir / "config.yaml").data).val[:]
     with torch.no_grad():
-        logits = model(normalize(images, meta["mean"], meta["std"]))
+        logits = model(normalize(images, meta.mean, meta.std))
     assert (logits.argmax(1) == labels).sum().item() / 171 == pytest.approx(best["val_acc"], abs=1e-12)
     assert F.cross_entropy(logits, labels).item() == pytest.approx(best["val_loss"], rel=1e-5)
 
@@ -87,8 +87,8 @@ def test_only_the_main_process_prints_and_writes(reference):
     assert [m["epoch"] for m in metrics] == [1, 2, 3]  # one line per epoch, not one per process
     assert summary["num_processes"] == 2 and summary["effective_batch_size"] == 64  # 32 x 2 processes x 1
     assert all(m["num_processes"] == 2 and m["images_per_s"] > 0 for m in metrics)
-    best = f"best-e{summary['best_epoch']:04d}"
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last", best, "last-e0003"}
+    best = f"best-e{summary['best_epoch']:04d}-s{8 * summary['best_epoch']:07d}"  # named by epoch and optimizer step
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best", "last", best, "last-e0003-s0000024"}
     load_resume_weights(run_dir)  # random_states_0.pkl and _1.pkl: save_state ran on both processes
 
 
@@ -115,7 +115,7 @@ def test_train_metrics_are_means_over_all_processes_and_early_stopping_stops_bot
     batches = torch.tensor(list(order)).view(16, 32)  # the epoch's batches; process r trains on r, r+2, ...
     images, labels = bundle.train[batches.flatten()]
     with torch.no_grad():
-        logits = model(normalize(images, meta["mean"], meta["std"]))
+        logits = model(normalize(images, meta.mean, meta.std))
     losses = F.cross_entropy(logits, labels, reduction="none").view(16, 32)
     correct = (logits.argmax(1) == labels).float().view(16, 32)
     epoch1, loss, acc = metrics[0], losses.mean().item(), correct.mean().item()
@@ -273,29 +273,26 @@ def test_cpu_flag_starting_one_process_is_refused(tmp_path):
 # ---------------------------------------------------------------- 10: the fp16 gradient scaler (CUDA)
 
 
-def test_gradient_scaler_state_is_part_of_the_resume_state(tmp_path, monkeypatch):
+def test_gradient_scaler_state_is_part_of_the_resume_state(tmp_path):
     """On CUDA, fp16 gives the Accelerator a GradScaler. No GPU here: one process in this process, with a
     CPU GradScaler put where Accelerate puts the CUDA one. Proves the engine's loop goes through it
     (scaled backward, scaler.step/update) and that checkpoints/last carries its state into a resume."""
     from conftest import train_run
-    from toolkit import engine
-
-    make_accelerator = engine.make_accelerator
+    from toolkit.runtime import make_accelerator
 
     def with_scaler(cfg):
         accelerator = make_accelerator(cfg)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
         return accelerator
 
-    monkeypatch.setattr(engine, "make_accelerator", with_scaler)
     common = ["train.epochs=2", "data.augment.crop_padding=2"]
-    straight, _ = train_run(tmp_path, *common, name="straight")
-    parts, _ = train_run(tmp_path, *common, "train.stop_after=1", name="parts")
+    straight, _ = train_run(tmp_path, *common, name="straight", accelerator=with_scaler)
+    parts, _ = train_run(tmp_path, *common, "train.stop_after=1", name="parts", accelerator=with_scaler)
     def scaler_state(run_dir):
         return torch.load(run_dir / "checkpoints" / "last" / "scaler.pt", weights_only=True)
 
     assert scaler_state(parts)["scale"] == 2.0**14  # 12 steps without overflow: doubled every 3rd step
-    train_run(tmp_path, *common, "train.resume=true", name="parts")
+    train_run(tmp_path, *common, "train.resume=true", name="parts", accelerator=with_scaler)
     assert scaler_state(parts) == scaler_state(straight) and scaler_state(parts)["scale"] == 2.0**18
     _equal_weights(load_file(parts / "checkpoints" / "last" / "model.safetensors"),
                    load_file(straight / "checkpoints" / "last" / "model.safetensors"))

@@ -48,7 +48,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def validation_images(run_dir: Path):
     """The run's validation split, as uint8 N x 1 x S x S and labels, rebuilt from its config."""
     from toolkit.data import build_data
-    from toolkit.export import load_run_config
+    from toolkit.rundir import load_run_config
 
     bundle = build_data(load_run_config(run_dir).data)
     return bundle.val.images, bundle.val.labels, bundle.classes

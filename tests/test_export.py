@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zipfile
 from pathlib import Path
@@ -11,10 +12,12 @@ import torch
 import yaml
 
 from toolkit import archive, export
+from toolkit.export import torchscript
 from toolkit.checkpoint import save_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model
+from toolkit.rundir import Meta
 
 CLASSES = ["cat", "dog", "owl", "yak"]
 
@@ -35,7 +38,7 @@ def make_run(run_dir: Path, model_name: str = "mnist_cnn", channels: int = 1, im
             "channels": channels, "image_size": image_size, "resize": "resize",
             "mean": [0.5] * channels, "std": [0.25] * channels, "epoch": 1, "val_acc": 0.5, "preprocess_version": 2}
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_best(run_dir, getattr(model, "_orig_mod", model), meta, epoch=1)
+    save_best(run_dir, getattr(model, "_orig_mod", model), Meta(**meta), step=1)
     cfg = RunConfig.model_validate({"serve": serve or {}})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
@@ -109,7 +112,7 @@ def test_parity_failure_raises_and_keeps_previous_export(tmp_path, monkeypatch):
     good = export.export_torchscript(run)
     before = (good / "model.pt").read_bytes()
 
-    real_load = export.load_torchscript
+    real = export.FORMATS["torchscript"]
 
     class Drifted(torch.nn.Module):
         def __init__(self, inner):
@@ -119,7 +122,8 @@ def test_parity_failure_raises_and_keeps_previous_export(tmp_path, monkeypatch):
         def forward(self, images):
             return self.inner(images) + 1e-3
 
-    monkeypatch.setattr(export, "load_torchscript", lambda path: Drifted(real_load(path)))
+    drifting = dataclasses.replace(real, load=lambda path: Drifted(real.load(path)))
+    monkeypatch.setitem(export.FORMATS, "torchscript", drifting)  # the registry is the seam
     with pytest.raises(ToolkitError, match=r"max abs difference of the logits 0\.001"):
         export.export_torchscript(run)
     assert (good / "model.pt").read_bytes() == before
@@ -183,6 +187,12 @@ def test_archive_rejects_bad_names_and_broken_archives(tmp_path):
         zf.writestr("model.pt", b"x")
     with pytest.raises(ToolkitError, match="lacks handler.py"):
         archive.check_archive(partial)
+    unnamed = tmp_path / "unnamed.mar"  # every file the handler reads, but the manifest names no model file
+    with zipfile.ZipFile(unnamed, "w") as zf:
+        for entry in archive.REQUIRED_ENTRIES:
+            zf.writestr(entry, b"{}" if entry.endswith(".json") else b"x")
+    with pytest.raises(ToolkitError, match=r"lacks a model file \(model.pt\) named by the manifest"):
+        archive.check_archive(unnamed)
     (tmp_path / "junk.mar").write_bytes(b"not a zip")
     with pytest.raises(ToolkitError, match="not a readable model archive"):
         archive.check_archive(tmp_path / "junk.mar")
@@ -207,7 +217,39 @@ def test_unscriptable_model_falls_back_to_trace():
 
     model = Unscriptable().eval()
     example = torch.randn(2, 3, 2, 2)
-    scripted, method = export.to_torchscript(model, example)
+    scripted, method = torchscript.to_torchscript(model, example)
     assert method == "trace"
     with torch.no_grad():
         assert torch.allclose(scripted(example), model(example))
+
+
+def test_a_new_format_is_its_module_and_one_registry_line(tmp_path, monkeypatch):
+    """A format registered in export.FORMATS is exported, parity-checked, archived (the archive finds
+    the model by the file the export holds) and served (the handler loads the file the manifest names)."""
+    def save_traced(model, example, path):
+        with torchscript.quiet_jit(), torch.no_grad():
+            torch.jit.trace(model, example).save(str(path))
+        return "trace"
+
+    monkeypatch.setitem(export.FORMATS, "traced", export.Format("traced.pt", save_traced, torchscript.load_torchscript))
+    run = make_run(tmp_path / "run")
+    out = export.export_model(run, format="traced")
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "parity.json", "preprocess.json", "traced.pt"]
+    assert json.loads((out / "parity.json").read_text())["method"] == "trace"
+    assert export.model_file(out) == out / "traced.pt" and export.export_is_current(run)
+    mar = archive.build_archive(run)
+    assert archive.check_archive(mar)["model"]["serializedFile"] == "traced.pt"
+
+    from test_handler import load_handler_module, make_context
+
+    with zipfile.ZipFile(mar) as zf:
+        zf.extractall(tmp_path / "model-dir")
+    context = make_context(tmp_path / "model-dir", 1)
+    context.manifest = json.loads((tmp_path / "model-dir" / "MAR-INF" / "MANIFEST.json").read_text())
+    handler = load_handler_module().ImageClassifierHandler()
+    handler.initialize(context)
+    images = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(handler.model(images), torchscript.load_torchscript(out / "traced.pt")(images), atol=1e-6)
+    with pytest.raises(ValueError, match=r"weights.onnx: no loader for \.onnx"):
+        load_handler_module()._load_model(str(tmp_path / "weights.onnx"), torch.device("cpu"))

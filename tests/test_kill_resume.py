@@ -38,8 +38,8 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
     ckpt = run_dir / "checkpoints"
 
     # 1. while epoch 1's resume state is being written: checkpoints/best is complete, there is no last yet
-    _killed_at(tmp_path, "1", lambda _: (ckpt / ".last-e0001.tmp").is_dir(), resume=False)
-    assert (ckpt / ".last-e0001.tmp").is_dir() and not (ckpt / "last").exists()
+    _killed_at(tmp_path, "1", lambda _: (ckpt / ".last-e0001-s0000008.tmp").is_dir(), resume=False)
+    assert (ckpt / ".last-e0001-s0000008.tmp").is_dir() and not (ckpt / "last").exists()
     load_best(run_dir)
     load_best_weights(run_dir)
 
@@ -53,9 +53,9 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
     assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
 
     # 3. resumed after epoch 1; killed while epoch 2's resume state is being written
-    killed = _killed_at(tmp_path, "3", lambda _: (ckpt / ".last-e0002.tmp").is_dir())
+    killed = _killed_at(tmp_path, "3", lambda _: (ckpt / ".last-e0002-s0000016.tmp").is_dir())
     assert f"resumed {run_dir} after epoch 1" in killed.stdout()
-    assert (ckpt / "last").resolve().name == "last-e0001" and _epoch_of_last(ckpt) == 1
+    assert (ckpt / "last").resolve().name == "last-e0001-s0000008" and _epoch_of_last(ckpt) == 1
     load_resume_weights(run_dir)
     load_best_weights(run_dir)
 
@@ -70,5 +70,10 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
                             (load_best_weights(run_dir), load_best_weights(reference_dir))):
         assert mine.keys() == reference.keys()
         assert all((mine[k] == reference[k]).all() for k in mine)
-    leftovers = {p.name for p in ckpt.iterdir()} - {"best", "last", "last-e0003", f"best-e{summary['best_epoch']:04d}"}
+    # Named by epoch and optimizer step (8 an epoch). Epoch 2's best was published by the run killed in 3,
+    # and again by the resumed run: that one took the next free name, since `best` pointed at the first.
+    epoch = summary["best_epoch"]
+    best = f"best-e{epoch:04d}-s{8 * epoch:07d}" + ("-2" if epoch == 2 else "")
+    assert (ckpt / "best").resolve().name == best
+    leftovers = {p.name for p in ckpt.iterdir()} - {"best", "last", "last-e0003-s0000024", best}
     assert not leftovers  # the half-written directories of the killed runs are gone

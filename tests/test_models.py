@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.models import SEED_MODELS, build_model, freeze_backbone, load_pretrained, train_mode
+from toolkit.models import BUILDERS, build_model, freeze_backbone, load_pretrained, train_mode
+from toolkit.names import SEED_MODELS
 
 DEFAULT_INPUT = {"mlp": (1, 28), "mnist_cnn": (1, 28), "bn_cnn": (1, 28), "small_convnet": (1, 28),
                  "cifar_cnn": (3, 32), "lenet": (3, 32)}
@@ -15,7 +16,7 @@ TUTORIAL_FLATTEN = {"mlp": 784, "mnist_cnn": 3136, "bn_cnn": 1152, "small_convne
 
 
 def test_registry_is_the_seed_list():
-    assert set(SEED_MODELS) == set(DEFAULT_INPUT)
+    assert set(BUILDERS) == set(SEED_MODELS) == set(DEFAULT_INPUT)  # names.py names each one once
 
 
 @pytest.mark.parametrize("name", sorted(DEFAULT_INPUT))

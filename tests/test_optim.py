@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import accelerate_launch, read_jsonl, train_run
-from toolkit.config import load_config
+from toolkit.config_io import load_config
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
 
 

@@ -7,7 +7,6 @@ bf16 is emulated (slow) on CPUs without AVX512-BF16/AMX, so these runs are tiny:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -99,16 +98,16 @@ def test_auto_precision_follows_the_device_probes(monkeypatch, cpu_bf16, cuda, c
     """What `auto` resolves to on each kind of machine, whichever kind runs this test."""
     import torch
 
-    from toolkit import engine
-    from toolkit.config import load_config
+    from toolkit import runtime
+    from toolkit.config_io import load_config
 
-    monkeypatch.setattr(engine, "native_bf16_cpu", lambda: cpu_bf16)
-    monkeypatch.setattr(engine, "native_bf16_cuda", lambda: cuda_bf16)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: cpu_bf16)
+    monkeypatch.setattr(runtime, "native_bf16_cuda", lambda: cuda_bf16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     cfg = load_config("smoke.yaml", ["train.mixed_precision=auto", f"train.device={device}"])
-    assert engine.resolve_precision(cfg) == expected
-    assert engine.resolve_precision(load_config("smoke.yaml", ["train.mixed_precision=bf16"])) == ("bf16", "")
+    assert runtime.resolve_precision(cfg) == expected
+    assert runtime.resolve_precision(load_config("smoke.yaml", ["train.mixed_precision=bf16"])) == ("bf16", "")
 
 
 class AutocastProbe(nn.Module):
@@ -134,7 +133,7 @@ def test_bf16_trains_under_autocast_and_validates_as_asked(tmp_path, monkeypatch
     forward in fp32 (the default) or under the training autocast (eval_precision: train)."""
     from toolkit import models
 
-    monkeypatch.setitem(models.SEED_MODELS, "autocast_probe", AutocastProbe)
+    monkeypatch.setitem(models.BUILDERS, "autocast_probe", AutocastProbe)
     monkeypatch.setattr(AutocastProbe, "seen", [])
     _, summary = train_run(tmp_path, "model.name=autocast_probe", "train.mixed_precision=bf16",
                            f"train.eval_precision={eval_precision}", "train.epochs=1")

@@ -239,7 +239,6 @@ def test_bad_inputs_get_4xx_json_and_the_server_keeps_answering(served):
 
 def test_requests_without_the_token_are_refused(served):
     info, files = served
-    token = key(info)
     png = files[0][0].read_bytes()
     for wrong in (None, "not-the-key", server.read_token(info.port, "management", info.state_dir.parent)):
         status, answer = client.send_bytes(info.predictions_url(), png, wrong)

@@ -37,15 +37,15 @@ def test_synthetic_run_beats_chance_and_writes_run_dir(tmp_path):
     state = torch.load(run_dir / "checkpoints" / "best" / "weights.pt", weights_only=True)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state)
     model, meta = load_best(run_dir)
-    assert meta["classes"] == [f"class_{i}" for i in range(4)] and meta["image_size"] == 16
+    assert meta.classes == [f"class_{i}" for i in range(4)] and meta.image_size == 16
     from toolkit.data import build_data
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
     from toolkit.preprocess import normalize
 
     bundle = build_data(load_config(run_dir / "config.yaml").data)
     images, labels = bundle.val[:]
     with torch.no_grad():
-        acc = (model(normalize(images, meta["mean"], meta["std"])).argmax(1) == labels).float().mean().item()
+        acc = (model(normalize(images, meta.mean, meta.std)).argmax(1) == labels).float().mean().item()
     assert acc == pytest.approx(on_disk["best_val_acc"])
 
 
@@ -116,7 +116,7 @@ def test_fp16_on_cpu_is_refused(tmp_path):
 
 
 def test_allocator_keeps_freed_memory_unless_the_user_tunes_it(monkeypatch):
-    from toolkit.engine import MALLOC_OVERRIDES, keep_freed_memory
+    from toolkit.runtime import MALLOC_OVERRIDES, keep_freed_memory
 
     for key in MALLOC_OVERRIDES:
         monkeypatch.delenv(key, raising=False)

@@ -17,7 +17,7 @@ FROZEN = ["optim.name=sgd", "optim.lr=1e-12", "optim.momentum=0.0", "train.epoch
 
 
 def train_images(run_dir):
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
     from toolkit.data import build_data
     from toolkit.preprocess import normalize
 
@@ -63,7 +63,7 @@ def test_eval_batch_size_sets_the_validation_batches(tmp_path, monkeypatch):
     """smoke.yaml holds out 128 images: 8 validation forwards of 16, 2 of 64 by default (2 x batch 32)."""
     from toolkit import models
 
-    monkeypatch.setitem(models.SEED_MODELS, "autocast_probe", AutocastProbe)
+    monkeypatch.setitem(models.BUILDERS, "autocast_probe", AutocastProbe)
     for eval_batch, forwards in ((16, 8), (None, 2)):
         monkeypatch.setattr(AutocastProbe, "seen", [])
         setting = [] if eval_batch is None else [f"data.eval_batch_size={eval_batch}"]

@@ -17,15 +17,15 @@ import yaml
 
 import toolkit
 from toolkit.errors import ToolkitError
-from toolkit.export import (EXPORT_DIR, INDEX_FILE, MODEL_FILE, PREPROCESS_FILE, export_is_current,
-                            export_torchscript, load_run_config)
+from toolkit.export import FORMATS, HANDLER_FILES, export_is_current, export_torchscript, model_file
+from toolkit.rundir import RunDir, load_run_config
 
-MODEL_STORE = "model-store"
 MODEL_CONFIG = "model-config.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# What a .mar must hold for serve/handler.py to load (extra files are flattened into the root).
-REQUIRED_ENTRIES = (MODEL_FILE, "handler.py", INDEX_FILE, PREPROCESS_FILE, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
+# What a .mar must hold for serve/handler.py to load (extra files are flattened into the root), besides
+# the model file of its export format, which the manifest names as its serializedFile.
+REQUIRED_ENTRIES = ("handler.py", *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
 
 
 def handler_path() -> Path:
@@ -73,9 +73,15 @@ def check_archive(mar: Path) -> dict:
         with zipfile.ZipFile(mar) as archive:
             names = set(archive.namelist())
             missing = [entry for entry in REQUIRED_ENTRIES if entry not in names]
+            if not missing:
+                manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+                serialized = (manifest.get("model") or {}).get("serializedFile")
+                model_files = [f.model_file for f in FORMATS.values()]
+                if serialized not in model_files or serialized not in names:
+                    missing.append(f"a model file ({' or '.join(model_files)}) named by the manifest")
             if missing:
                 raise ToolkitError(f"{mar}: archive lacks {', '.join(missing)} (has: {', '.join(sorted(names))})")
-            return json.loads(archive.read("MAR-INF/MANIFEST.json"))
+            return manifest
     except (zipfile.BadZipFile, OSError) as exc:
         raise ToolkitError(f"{mar}: not a readable model archive: {exc}") from None
 
@@ -94,20 +100,21 @@ def build_archive(run_dir: str | Path, name: str | None = None, version: str = "
         raise ToolkitError(f"archive version {version!r}: use letters, digits, '.', '_' and '-', e.g. 1.0")
     handler = handler_path()
     config = model_config(run_dir)  # reads config.yaml first: a clear error before any export work
-    export_dir = run_dir / EXPORT_DIR
+    export_dir = RunDir(run_dir).export
     if not export_is_current(run_dir):
         export_dir = export_torchscript(run_dir)
+    serialized = model_file(export_dir)  # whichever format the export holds
     (export_dir / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
-    store = run_dir / MODEL_STORE
+    store = RunDir(run_dir).model_store
     store.mkdir(parents=True, exist_ok=True)
     command = [
         archiver_command(),
         "--model-name", name,
         "--version", version,
-        "--serialized-file", str(export_dir / MODEL_FILE),
+        "--serialized-file", str(serialized),
         "--handler", str(handler),
-        "--extra-files", ",".join(str(export_dir / f) for f in (INDEX_FILE, PREPROCESS_FILE)),
+        "--extra-files", ",".join(str(export_dir / f) for f in HANDLER_FILES),
         "--config-file", str(export_dir / MODEL_CONFIG),
         "--export-path", str(store),
         "--archive-format", "default",

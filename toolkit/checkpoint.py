@@ -2,103 +2,144 @@
 loadable one: `checkpoints/best` (weights + meta.json, enough to rebuild the model without the
 YAML) and `checkpoints/last` (Accelerate's full resume state + trainer_state.json).
 
-Each is a symlink to a complete directory; a new one is written beside it, then the link is
-swapped with os.replace (atomic on POSIX)."""
+Each is a symlink to a complete directory named by kind, epoch and optimizer step
+(`last-e0003-s000024`); a new one is written beside it, then the link is swapped with os.replace
+(atomic on POSIX). The Keeper owns these links: a directory some link points at is never removed."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from toolkit.errors import ToolkitError
+from toolkit.rundir import META, Meta, RunDir, read_meta
 
 WEIGHTS = "weights.pt"
-META = "meta.json"
 TRAINER_STATE = "trainer_state.json"
+# A checkpoint directory this module wrote: <kind>-e<epoch>-s<step>, or the epoch-only names of before.
+WRITTEN = re.compile(r"^[a-z][a-z0-9_]*-e\d{4,}(-s\d+)?(-\d+)?$")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
-def staging_dir(run_dir: Path, kind: str, epoch: int) -> Path:
-    """Where a new checkpoint of `kind` is written before it is published."""
-    return checkpoints_dir(run_dir) / f".{kind}-e{epoch:04d}.tmp"
+class Keeper:
+    """The checkpoints of one run: which directories are live (the targets of the links `best`,
+    `last`, and any other link a feature adds, such as top-k), staging and publishing new ones."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = checkpoints_dir(run_dir)
+
+    def links(self) -> dict[str, Path]:
+        """Every published link -> the directory it points at."""
+        if not self.dir.is_dir():
+            return {}
+        return {p.name: p.resolve() for p in self.dir.iterdir() if p.is_symlink() and not p.name.startswith(".")}
+
+    def live(self) -> set[Path]:
+        return set(self.links().values())
+
+    def staging(self, kind: str, epoch: int, step: int) -> Path:
+        """Where a new checkpoint of `kind` is written before it is published."""
+        return self.dir / f".{kind}-e{epoch:04d}-s{step:07d}.tmp"
+
+    def publish(self, kind: str, staged: Path) -> Path:
+        """Rename the finished staging dir, then atomically point `checkpoints/<kind>` at it; the
+        directory the link left is removed unless another link still points at it."""
+        live = self.live()
+        final = self._free_name(self.dir / staged.name.removeprefix(".").removesuffix(".tmp"), live)
+        os.replace(staged, final)
+        link, tmp_link = self.dir / kind, self.dir / f".{kind}.link.tmp"
+        old = link.resolve() if link.is_symlink() else None
+        if tmp_link.is_symlink() or tmp_link.exists():
+            tmp_link.unlink()
+        tmp_link.symlink_to(final.name)
+        os.replace(tmp_link, link)
+        if old is not None and old != final.resolve() and old.exists() and old not in self.live():
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def _free_name(final: Path, live: set[Path]) -> Path:
+        """`final`, or `final-2`, `-3`... when a live checkpoint holds that name (the same step saved
+        twice: a preemption save, then the epoch's own). A dead directory of that name is a leftover."""
+        candidate, n = final, 1
+        while candidate.exists() and candidate.resolve() in live:
+            n += 1
+            candidate = final.with_name(f"{final.name}-{n}")
+        if candidate.exists():
+            shutil.rmtree(candidate)
+        return candidate
+
+    def clean_stale(self) -> None:
+        """Remove what a killed run left half-written (staging directories, temporary links) and
+        checkpoint directories no link points at; never a live one, nor anything this module did not write."""
+        if not self.dir.is_dir():
+            return
+        live = self.live()
+        for entry in self.dir.iterdir():
+            if entry.is_symlink():
+                if entry.name.startswith("."):
+                    entry.unlink()
+            elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif WRITTEN.match(entry.name) and entry.resolve() not in live:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def save_best(self, model: nn.Module, meta: Meta, step: int) -> None:
+        """Weights of the unwrapped model (plain keys, loadable with weights_only=True) + meta.json."""
+        staged = self.staging("best", meta.epoch or 0, step)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.save(state, staged / WEIGHTS)
+        meta.write(staged / META)
+        self.publish("best", staged)
+
+    def save_last(self, accelerator, trainer_state: dict, step: int) -> None:
+        """Full resume state (Accelerate's save_state + trainer_state.json), staged then published
+        atomically. Every process calls it: save_state is collective."""
+        staged = self.staging("last", trainer_state["epoch"], step)
+        if accelerator.is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staged))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (staged / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
+            self.publish("last", staged)
+        accelerator.wait_for_everyone()
+
+    def read_trainer_state(self) -> dict | None:
+        """trainer_state.json of checkpoints/last, or None when there is no complete resume state."""
+        last = self.dir / "last"
+        if not (last / TRAINER_STATE).is_file():
+            return None
+        return json.loads((last / TRAINER_STATE).read_text())
 
 
-def publish(run_dir: Path, kind: str, staged: Path) -> Path:
-    """Rename the finished staging dir, then atomically point `checkpoints/<kind>` at it."""
-    ckpt = checkpoints_dir(run_dir)
-    final = ckpt / staged.name.removeprefix(".").removesuffix(".tmp")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staged, final)
-    link, tmp_link = ckpt / kind, ckpt / f".{kind}.link.tmp"
-    old = link.resolve() if link.is_symlink() else None
-    if tmp_link.is_symlink() or tmp_link.exists():
-        tmp_link.unlink()
-    tmp_link.symlink_to(final.name)
-    os.replace(tmp_link, link)
-    if old is not None and old != final.resolve() and old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+def save_best(run_dir: Path, model: nn.Module, meta: Meta, step: int = 0) -> None:
+    Keeper(run_dir).save_best(model, meta, step)
 
 
-def clean_stale(run_dir: Path) -> None:
-    """Remove what a killed run left half-written, and complete directories no link points at."""
-    ckpt = checkpoints_dir(run_dir)
-    if not ckpt.is_dir():
-        return
-    live = {(ckpt / k).resolve() for k in ("best", "last") if (ckpt / k).is_symlink()}
-    for entry in ckpt.iterdir():
-        if entry.is_symlink():
-            if entry.name.startswith("."):
-                entry.unlink()
-            continue
-        if entry.resolve() not in live:
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def save_best(run_dir: Path, model: nn.Module, meta: dict, epoch: int) -> None:
-    """Weights of the unwrapped model (plain keys, loadable with weights_only=True) + meta.json."""
-    staged = staging_dir(run_dir, "best", epoch)
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save(state, staged / WEIGHTS)
-    (staged / META).write_text(json.dumps(meta, indent=2))
-    publish(run_dir, "best", staged)
-
-
-def read_meta(path: Path) -> tuple[Path, dict]:
-    """A run dir or a checkpoint dir -> (checkpoint dir, meta dict)."""
-    path = Path(path)
-    ckpt = path if (path / META).is_file() else checkpoints_dir(path) / "best"
-    if not (ckpt / META).is_file():
-        raise ToolkitError(f"{path}: no checkpoint found (expected {ckpt / META}); train a run first")
-    return ckpt, json.loads((ckpt / META).read_text())
-
-
-def load_best(path: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
+def load_best(path: Path, device: str = "cpu") -> tuple[nn.Module, Meta]:
     """Rebuild the model from meta.json and load its weights; eval mode."""
     from toolkit.models import build_model
 
     ckpt, meta = read_meta(path)
-    spec = meta["model"]
-    model = build_model(spec["name"], meta["num_classes"], meta["channels"], meta["image_size"], spec.get("args"))
+    model = build_model(meta.model.name, meta.num_classes, meta.channels, meta.image_size, meta.model.args)
     state = torch.load(ckpt / WEIGHTS, map_location=device, weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
 
 def read_trainer_state(run_dir: Path) -> dict | None:
-    """trainer_state.json of checkpoints/last, or None when there is no complete resume state."""
-    last = checkpoints_dir(run_dir) / "last"
-    if not (last / TRAINER_STATE).is_file():
-        return None
-    return json.loads((last / TRAINER_STATE).read_text())
+    return Keeper(run_dir).read_trainer_state()
+

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args) -> int:
-    from toolkit.config import load_config
+    from toolkit.config_io import load_config
 
     overrides = args.overrides + (["train.resume=true"] if args.resume else [])
     try:
@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from toolkit import config
+    from toolkit import config_io as config
 
     if args.config_command == "schema":
         print(json.dumps(config.schema(), indent=2))

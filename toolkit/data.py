@@ -14,18 +14,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 
 from toolkit.config import DataConfig
 from toolkit.errors import ImageFileError, ToolkitError
+from toolkit.names import DATASETS
 from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, load_uint8, normalize, resize_uint8
 
-NATIVE = {  # channels, image size, default mean/std (on 0..1) per source
-    "synthetic": (3, 32, [0.5], [0.5]),
-    "digits": (1, 8, [0.5], [0.5]),
-    "mnist": (1, 28, [0.1307], [0.3081]),
-    "fashion_mnist": (1, 28, [0.2860], [0.3530]),
-    "cifar10": (3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-    "cifar100": (3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
-    "imagefolder": (3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-}
-TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 class TensorImages(Dataset):
@@ -121,7 +112,7 @@ class DataBundle:
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Read the configured source into uint8 images at the model's size and channels."""
-    native_channels, native_size, mean, std = NATIVE[cfg.name]
+    native_channels, native_size, mean, std = DATASETS[cfg.name][:4]
     channels = cfg.channels or native_channels
     size = cfg.image_size or native_size
     if cfg.mean is not None:
@@ -193,7 +184,7 @@ def _conform(images: torch.Tensor, channels: int, size: int, policy: str) -> tor
 def _synthetic(cfg: DataConfig, channels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Class prototypes (smooth random patterns) plus strong noise: learnable, not trivial."""
     generator = torch.Generator().manual_seed(1234 + cfg.split_seed)
-    size = cfg.image_size or NATIVE["synthetic"][1]
+    size = cfg.image_size or DATASETS["synthetic"].image_size
     prototypes = torch.rand(cfg.num_classes, channels, 4, 4, generator=generator)
     prototypes = nn.functional.interpolate(prototypes, size=(size, size), mode="bilinear", align_corners=False)
     labels = torch.arange(cfg.synthetic_samples) % cfg.num_classes
@@ -221,7 +212,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 def _torchvision(cfg: DataConfig):
     import torchvision
 
-    cls = getattr(torchvision.datasets, TORCHVISION[cfg.name])
+    cls = getattr(torchvision.datasets, DATASETS[cfg.name].torchvision)
     splits = []
     for train in (True, False):
         try:

@@ -1,193 +1,43 @@
-"""The training engine: the only module that imports accelerate.
-
-prepare -> accumulate -> backward -> gather_for_metrics, with the run directory written by the
-main process only (save_state excepted, which every process must call)."""
+"""The training engine: train() sets a run up (toolkit/training.py) and fit() runs the epoch loop,
+prepare -> accumulate -> backward -> gather_for_metrics, with the run directory written by the main
+process only (save_state excepted, which every process must call). Optional features are hooks
+(toolkit/hooks.py), never flags read inside the loop."""
 
 from __future__ import annotations
 
-import ctypes
-import json
 import math
 import os
-import shutil
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import broadcast, set_seed
 from rich.console import Console
 
-from toolkit import checkpoint
-from toolkit.config import RunConfig, dump_yaml
-from toolkit.data import BatchAugment, build_data, build_loaders, num_steps
-from toolkit.errors import ToolkitError, launched_world_size, report
-from toolkit.models import build_model, freeze_backbone, load_pretrained, train_mode
-from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
+from toolkit.config import RunConfig
+from toolkit.errors import ToolkitError, report
+from toolkit.hooks import Hook, default_hooks
+from toolkit.models import train_mode
 from toolkit.progress import Reporter, epoch_line
+from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
+from toolkit.training import Training, build_training, prepare_run_dir
 
 
 class NonFiniteLoss(ToolkitError):
     """The loss became NaN or infinite; the last good checkpoints are kept."""
 
 
-@dataclass
-class RunState:
-    """What trainer_state.json carries between invocations."""
-    epoch: int = 0  # epochs completed
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    bad_epochs: int = 0  # epochs since the best, for early stopping
-    stopped_early: bool = False
-    wall_s: float = 0.0
-    history: list = field(default_factory=list)
-
-
-MALLOC_OVERRIDES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
-
-
-def keep_freed_memory() -> bool:
-    """glibc only: let freed blocks of up to 64 MiB stay in the process for the next step, instead of
-    unmapping them and faulting fresh pages in at every step (measured: +12% images/s training
-    mnist_cnn on a 2-core CPU). Left alone where the user tunes malloc or preloads another allocator.
-    True when applied."""
-    if not sys.platform.startswith("linux") or any(os.environ.get(k) for k in MALLOC_OVERRIDES):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others: no glibc mallopt
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # both or neither: a trim threshold alone turns off glibc's adaptive mmap threshold (slower)
-    return bool(mallopt(M_MMAP_THRESHOLD, 64 << 20) and mallopt(M_TRIM_THRESHOLD, 256 << 20))
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere autocast emulates it, slowly."""
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(probe() for probe in probes if probe)
-
-
-def native_bf16_cuda() -> bool:
-    """Whether the current GPU computes bf16 natively: NVIDIA from Ampere (compute capability 8.0) on,
-    every ROCm GPU. Older NVIDIA GPUs emulate it, slowly, and cuDNN has no bf16 convolutions there."""
-    if torch.version.hip:
-        return torch.cuda.is_bf16_supported()
-    return torch.cuda.get_device_capability()[0] >= 8
-
-
-def resolve_precision(cfg: RunConfig) -> tuple[str, str]:
-    """train.mixed_precision as this run uses it, and (for auto) why: the fastest precision the device
-    computes natively. CUDA: bf16, or fp16 with a gradient scaler before Ampere; CPU: bf16 with
-    AVX512-BF16/AMX, else fp32; MPS: fp32."""
-    asked = cfg.train.mixed_precision
-    if asked != "auto":
-        return asked, ""
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        if native_bf16_cuda():
-            return "bf16", "auto: the GPU has bf16"
-        return "fp16", "auto: the GPU lacks bf16"
-    if cfg.train.device != "cpu" and torch.backends.mps.is_available():
-        return "no", "auto: fp32 on MPS"
-    if native_bf16_cpu():
-        return "bf16", "auto: the CPU has native bf16"
-    return "no", "auto: the CPU would emulate bf16"
-
-
-def make_accelerator(cfg: RunConfig) -> Accelerator:
-    t = cfg.train
-    precision, _ = resolve_precision(cfg)
-    return Accelerator(
-        cpu=t.device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.grad_accum_steps,
-        log_with="tensorboard" if t.log_with == "tensorboard" else None,
-        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "tensorboard")),
-        step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
-
-
-def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
-    """Refuse, on every process alike, the launches that would otherwise run silently wrong."""
-    problems = []
-    if cfg.train.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        problems.append("train.mixed_precision: 'fp16' needs a CUDA GPU (Accelerate would silently run fp32 on "
-                        "this machine); use 'bf16' or 'no'")
-    if cfg.model.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
-        problems.append("model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only (DDP refuses it on the "
-                        "CPU); set model.sync_batchnorm: false")
-    asked = launched_world_size()
-    if asked is not None and asked != accelerator.num_processes:
-        problems.append(f"WORLD_SIZE is {asked} but Accelerate runs {accelerator.num_processes} process(es): the "
-                        "launcher started independent copies. On CPUs use launch/cpu.sh (see launch/README.md).")
-    # `accelerate launch --cpu --num_processes N` sets MASTER_ADDR but starts ONE process (it expects mpirun)
-    if (asked is None and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ
-            and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")):
-        problems.append("accelerate launch --cpu with several processes starts only one (it expects mpirun): use "
-                        "launch/cpu.sh (see launch/README.md). For a single process, unset MASTER_ADDR.")
-    if problems:
-        raise ToolkitError("\n".join(problems))
-
-
-def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
-    device = accelerator.device
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-        bf16 = "yes (native)" if native_bf16_cuda() else "yes (emulated: slow)"
-    elif device.type == "mps":
-        what, bf16 = "mps (Apple GPU)", "yes" if torch.backends.mps.is_macos_or_newer(14, 0) else "no"
-    else:
-        native = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-        what = f"cpu ({os.cpu_count()} cores, {native or 'default'} kernels)"
-        # bf16 autocast runs on every CPU; only AVX512-BF16/AMX make it fast rather than emulated
-        bf16 = "yes (native)" if native_bf16_cpu() else "yes (emulated: slow)"
-    _, why = resolve_precision(cfg)
-    return (f"processes {accelerator.num_processes} ({accelerator.distributed_type.value}) | device {what} | "
-            f"mixed precision {accelerator.mixed_precision}{f' ({why})' if why else ''} | bf16 {bf16} | "
-            f"channels_last {'on' if cfg.train.channels_last else 'off'}")
-
-
-def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
-    """Decide fresh start / resume / refuse (same decision on every process), then set the dir up."""
-    run_dir = cfg.run_dir
-    occupied = run_dir.is_dir() and any(run_dir.iterdir())
-    state = checkpoint.read_trainer_state(run_dir) if cfg.train.resume else None
-    if occupied and not cfg.train.resume and not cfg.train.overwrite:
-        what = "a finished run" if (run_dir / "summary.json").is_file() else "a partial run"
-        raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
-                           f"train.run_name, or set train.overwrite: true to delete it.")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if occupied and cfg.train.overwrite:
-            shutil.rmtree(run_dir)
-        elif cfg.train.resume and state is None and occupied:
-            say(f"[yellow]{run_dir} has no complete checkpoint to resume: starting from the beginning[/]")
-            for stale in ("metrics.jsonl", "summary.json", "checkpoints"):
-                target = run_dir / stale
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        checkpoint.clean_stale(run_dir)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        if state is not None:  # epochs after the last checkpoint were lost: drop their lines
-            _rewrite_metrics(run_dir, [m for m in state["history"]])
-    accelerator.wait_for_everyone()
-    if cfg.train.resume and state is None and not occupied:
-        say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
-    return RunState(**state) if state is not None else None
-
-
-def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
-
-
-def train(cfg: RunConfig, console: Console | None = None) -> dict:
-    """Run (or resume) the configured training; returns the summary written to summary.json."""
+def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] = (),
+          accelerator: Accelerator | None = None) -> dict:
+    """Run (or resume) the configured training; returns the summary written to summary.json.
+    `hooks` come after the config's own (trackers); `accelerator` replaces the one the config makes."""
     keep_freed_memory()
-    accelerator = make_accelerator(cfg)
+    accelerator = accelerator or make_accelerator(cfg)
     try:
         check_launch(cfg, accelerator)
-        return _train(cfg, accelerator, console or Console(soft_wrap=True))
+        run = start(cfg, accelerator, console or Console(soft_wrap=True))
+        return fit(run, [*default_hooks(cfg), *hooks])
     except ToolkitError as exc:
         if accelerator.num_processes > 1:
             # Every process raises it (same checks, same data; NonFiniteLoss is agreed by a reduce). The
@@ -213,142 +63,123 @@ def report_from_main_process(exc: ToolkitError) -> None:
     exc.quiet = True
 
 
-def _train(cfg: RunConfig, accelerator: Accelerator, console: Console) -> dict:
+def start(cfg: RunConfig, accelerator: Accelerator, console: Console) -> Training:
+    """The run directory decided, set-up built at the configured batch size, resume state loaded."""
     t0 = time.perf_counter()
-    main = accelerator.is_main_process
-    reporter = Reporter(console, main, cfg.train.log_every)
+    reporter = Reporter(console, accelerator.is_main_process, cfg.train.log_every)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     state = prepare_run_dir(cfg, accelerator, reporter.print)
     reporter.print(device_report(accelerator, cfg), highlight=False)
-
-    bundle = build_data(cfg.data)
-    pre, classes = bundle.preprocess, bundle.classes
-    set_seed(cfg.train.seed)  # identical initial weights on every process
-    net = build_network(cfg, len(classes), pre, accelerator.num_processes, reporter.print)
-
-    effective_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps
-    lr = scaled_lr(cfg.optim, effective_batch, cfg.data.batch_size)
-    optimizer = build_optimizer(cfg.optim, net.parameters(), lr)
-    train_loader, val_loader = build_loaders(bundle, cfg.data, cfg.train.seed, accelerator.device.type == "cuda")
-    plain_forward = net.forward  # before prepare() wraps it in the training autocast
-    model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
-    steps_per_epoch = num_steps(len(train_loader), cfg.train.grad_accum_steps)
-    scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
-    forward = torch.compile(model) if cfg.train.compile else model
-    eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
-    augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
-    meta = {"model": {"name": cfg.model.name, "args": cfg.model.args}, "num_classes": len(classes),
-            "classes": classes, **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std")},
-            "preprocess_version": pre["preprocess_version"]}
-
+    run = build_training(cfg, accelerator, cfg.data.batch_size, reporter)
+    run.t0 = t0
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:
-        accelerator.load_state(str(checkpoint.checkpoints_dir(cfg.run_dir) / "last"))
+        accelerator.load_state(str(run.keeper.dir / "last"))
         reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
-    state = state or RunState()
-    if cfg.train.log_with != "none":
-        accelerator.init_trackers(cfg.train.run_name or "run", config=_flat_hparams(cfg))
-    reporter.print(f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(classes)} classes, "
-                   f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
-                   f"{cfg.model.name} | effective batch {effective_batch} | lr {lr:g}", highlight=False)
+        run.state = state
+    bundle, pre = run.bundle, run.bundle.preprocess
+    reporter.print(
+        f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
+        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
+        f"{cfg.model.name} | effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
+    return run
 
-    last_epoch = cfg.train.epochs if cfg.train.stop_after is None else min(cfg.train.epochs, state.epoch + cfg.train.stop_after)
-    epoch_metrics = None
+
+def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
+    """The epoch loop: train, validate, record, checkpoint, report; returns the summary."""
+    cfg, state, main = run.cfg, run.state, run.accelerator.is_main_process
+    for hook in hooks:
+        hook.on_start(run)
     try:
-        for epoch in range(state.epoch + 1, last_epoch + 1):
+        for epoch in range(state.epoch + 1, run.last_epoch + 1):
             if state.stopped_early:
                 break
-            train_loader.set_epoch(epoch)
-            t_epoch = time.perf_counter()
-            train_loss, train_acc, seen, train_s = train_epoch(
-                cfg, accelerator, forward, net, train_loader, optimizer, scheduler, augment, reporter,
-                epoch, steps_per_epoch, (epoch - 1) * steps_per_epoch)
-            sync_buffers(accelerator, net)
-            val_loss, val_acc, val_samples = evaluate(accelerator, model, eval_forward, val_loader, augment)
-            if not math.isfinite(val_loss):  # the epoch's last step broke the weights: do not checkpoint them
-                raise non_finite(f"in validation after epoch {epoch}")
-            epoch_metrics = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
-                                 val_acc=val_acc, val_samples=val_samples, eval_precision=eval_precision, lr=scheduler.get_last_lr()[0],
-                                 images_per_s=seen / train_s, num_processes=accelerator.num_processes,
-                                 epoch_s=time.perf_counter() - t_epoch)
-            improved = val_acc > state.best_val_acc
-            if improved:
-                state.best_val_acc, state.best_epoch, state.bad_epochs = val_acc, epoch, 0
-                if main:
-                    checkpoint.save_best(cfg.run_dir, net, {**meta, "epoch": epoch, "val_acc": val_acc}, epoch)
-            else:
-                state.bad_epochs += 1
-            state.stopped_early = cfg.train.patience is not None and state.bad_epochs >= cfg.train.patience
-            state.epoch = epoch
-            state.history.append(epoch_metrics)
+            metrics = run_epoch(run, epoch, hooks)
+            improved = state.record(metrics, cfg.train.patience)
+            step = epoch * run.steps_per_epoch
+            if improved and main:
+                meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics["val_acc"]})
+                run.keeper.save_best(run.net, meta, step)
             if main:
-                with open(cfg.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(epoch_metrics) + "\n")
-            save_last(cfg.run_dir, accelerator, state, t0)
-            reporter.print(epoch_line(epoch, cfg.train.epochs, epoch_metrics, improved), highlight=False)
-            if cfg.train.log_with != "none":
-                accelerator.log({f"epoch/{k}": v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch * steps_per_epoch)
+                run.layout.append_metrics(metrics)
+            run.keeper.save_last(run.accelerator, trainer_state(run), step)
+            run.reporter.print(epoch_line(epoch, cfg.train.epochs, metrics, improved), highlight=False)
+            for hook in hooks:
+                hook.after_epoch(run, metrics)
             if state.stopped_early:
-                reporter.print(f"early stopping: no better val accuracy for {cfg.train.patience} epochs "
-                               f"(best {state.best_val_acc:.2%} at epoch {state.best_epoch})")
+                run.reporter.print(f"early stopping: no better val accuracy for {cfg.train.patience} epochs "
+                                   f"(best {state.best_val_acc:.2%} at epoch {state.best_epoch})")
     except NonFiniteLoss:
         if main:
-            write_summary(cfg, accelerator, state, t0, status="non_finite_loss")
+            write_summary(run, status="non_finite_loss")
         raise
-    summary = write_summary(cfg, accelerator, state, t0,
-                            status="complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
-    accelerator.end_training()
+    summary = write_summary(run, status="complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
+    for hook in hooks:
+        hook.on_end(run, summary)
+    run.accelerator.end_training()
     return summary
 
 
-def build_network(cfg: RunConfig, num_classes: int, pre: dict, num_processes: int, say) -> torch.nn.Module:
-    """The configured model: pretrained weights, frozen backbone, SyncBatchNorm, memory format."""
-    net = build_model(cfg.model.name, num_classes, pre["channels"], pre["image_size"], cfg.model.args,
-                      cfg.model.torchvision_weights)
-    if cfg.model.pretrained_weights:
-        say(load_pretrained(net, cfg.model.pretrained_weights))
-    if cfg.model.freeze_backbone:
-        freeze_backbone(net)
-    if cfg.model.sync_batchnorm and num_processes > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    if cfg.train.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
+def run_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> dict:
+    """Train one epoch, then validate the model every process now holds; returns its metrics line."""
+    run.train_loader.set_epoch(epoch)
+    t_epoch = time.perf_counter()
+    train_loss, train_acc, seen, train_s = train_epoch(run, epoch, hooks)
+    sync_buffers(run.accelerator, run.net)
+    val_loss, val_acc, val_samples = evaluate(run.accelerator, run.model, run.eval_forward, run.val_loader, run.augment)
+    if not math.isfinite(val_loss):  # the epoch's last step broke the weights: do not checkpoint them
+        raise non_finite(f"in validation after epoch {epoch}")
+    return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
+                val_samples=val_samples, eval_precision=run.eval_precision, lr=run.scheduler.get_last_lr()[0],
+                images_per_s=seen / train_s, num_processes=run.accelerator.num_processes,
+                epoch_s=time.perf_counter() - t_epoch)
 
 
-def train_epoch(cfg, accelerator, forward, net, loader, optimizer, scheduler, augment, reporter,
-                epoch, steps, global_step):
+def reduce_due(step: int, steps: int, log_every: int) -> bool:
+    """The steps (1-based) where the totals are summed over processes: the same on every process."""
+    return step % 10 == 0 or step % log_every == 0 or step == steps
+
+
+def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[float, float, float, float]:
     """One pass over this process's shard; returns global (all processes) loss, accuracy, images, seconds."""
+    accelerator, loader, forward, reporter = run.accelerator, run.train_loader, run.forward, run.reporter
     train_mode(forward)
     # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only
     totals = torch.zeros(4, device=accelerator.device)
-    reporter.start_epoch(epoch, cfg.train.epochs, len(loader))
+    reduced = [0.0] * 4  # the totals at the previous reduce
+    global_step = (epoch - 1) * run.steps_per_epoch  # optimizer steps
+    reporter.start_epoch(epoch, run.cfg.train.epochs, len(loader))
     t0 = time.perf_counter()
     for step, (images, labels) in enumerate(loader, start=1):
         with accelerator.accumulate(forward):
-            logits = forward(augment(images, train=True))
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+            logits = forward(run.augment(images, train=True))
+            loss = run.criterion(logits.float(), labels)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.clip_grad_norm:
-                accelerator.clip_grad_norm_(net.parameters(), cfg.train.clip_grad_norm)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
+            if accelerator.sync_gradients and run.clip_grad_norm:
+                accelerator.clip_grad_norm_(run.net.parameters(), run.clip_grad_norm)
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+            run.optimizer.step()
             if accelerator.sync_gradients:
-                scheduler.step()
+                run.scheduler.step()
                 global_step += 1
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             loss = loss.detach()
             totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
                                    torch.tensor(len(labels), device=totals.device), (~torch.isfinite(loss)).float()])
-        if cfg.train.log_with != "none" and accelerator.sync_gradients:
-            accelerator.log({"Loss/train": loss.item(), "lr": lr}, step=global_step)
+        if accelerator.sync_gradients:
+            for hook in hooks:
+                hook.after_optimizer_step(run, global_step)
         shown = (0,)
-        if step % 10 == 0 or step % cfg.train.log_every == 0 or step == len(loader):  # same steps on every process:
-            loss_sum, correct, seen, bad = accelerator.reduce(totals, reduction="sum").tolist()  # reduce is collective
+        if reduce_due(step, len(loader), reporter.log_every):  # reduce is collective: same steps everywhere
+            now = accelerator.reduce(totals, reduction="sum").tolist()
+            loss_sum, correct, seen, bad = now
             if bad:  # every process sees the same sum, so all stop together; no checkpoint is written
                 raise non_finite(f"at epoch {epoch}, by step {step}")
+            for hook in hooks:  # the mean loss since the previous reduce
+                hook.at_reduce(run, global_step, (loss_sum - reduced[0]) / (seen - reduced[2]), lr)
+            reduced = now
             if reporter.wants_stats(step):  # progress of all processes, not process 0's
                 shown = (int(seen), loss_sum / seen, correct / seen)
         reporter.step(step, *shown)
@@ -362,16 +193,6 @@ def non_finite(where: str) -> NonFiniteLoss:
     return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
                          "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
                          "train.clip_grad_norm, or check the data.")
-
-
-def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_forward) -> tuple[str, object]:
-    """The precision validation runs in and the callable that runs it. By default fp32, as evaluate,
-    predict, the export and TorchServe run the checkpoint: Accelerate bakes the training autocast into
-    the prepared model's forward, and an outer autocast(enabled=False) cannot undo an inner one, so fp32
-    validation calls the model's own forward, taken before prepare() wrapped it."""
-    if accelerator.mixed_precision == "no" or cfg.train.eval_precision == "train":
-        return ("fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision), forward
-    return "fp32", torch.compile(plain_forward) if cfg.train.compile else plain_forward
 
 
 def sync_buffers(accelerator: Accelerator, net: torch.nn.Module) -> None:
@@ -391,7 +212,7 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, 
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         logits = forward(augment(images, train=False))
-        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
         losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
         loss_sum += losses.sum().item()
         correct += (preds == labels).sum().item()
@@ -399,23 +220,13 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, 
     return loss_sum / seen, correct / seen, seen
 
 
-def save_last(run_dir: Path, accelerator: Accelerator, state: RunState, t0: float) -> None:
-    """Full resume state, staged then published atomically. Every process calls save_state."""
-    staged = checkpoint.staging_dir(run_dir, "last", state.epoch)
-    if accelerator.is_main_process:
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staged))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        payload = {**state.__dict__, "wall_s": state.wall_s + time.perf_counter() - t0}
-        (staged / checkpoint.TRAINER_STATE).write_text(json.dumps(payload, indent=1))
-        checkpoint.publish(run_dir, "last", staged)
-    accelerator.wait_for_everyone()
+def trainer_state(run: Training) -> dict:
+    """trainer_state.json: the run state, with the wall time of every invocation so far."""
+    return {**run.state.__dict__, "wall_s": run.state.wall_s + time.perf_counter() - run.t0}
 
 
-def write_summary(cfg: RunConfig, accelerator: Accelerator, state: RunState, t0: float, status: str) -> dict:
+def write_summary(run: Training, status: str) -> dict:
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
     history = state.history
     rates = [m["images_per_s"] for m in history]
     summary = {
@@ -425,29 +236,15 @@ def write_summary(cfg: RunConfig, accelerator: Accelerator, state: RunState, t0:
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "eval_precision": history[-1]["eval_precision"] if history else None,
-        "channels_last": cfg.train.channels_last,
-        "effective_batch_size": cfg.data.batch_size * accelerator.num_processes * cfg.train.grad_accum_steps,
+        "channels_last": cfg.train.channels_last, "effective_batch_size": run.effective_batch_size,
         "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
-        "wall_s": state.wall_s + time.perf_counter() - t0, "device": accelerator.device.type,
+        "wall_s": state.wall_s + time.perf_counter() - run.t0, "device": accelerator.device.type,
     }
     if accelerator.is_main_process:
-        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        _plot_curves(cfg.run_dir, history)
+        run.layout.write_summary(summary)
+        if history:
+            from toolkit.report import plot_curves
+
+            plot_curves(history, run.layout.curves)
     return summary
 
-
-def _plot_curves(run_dir: Path, history: list[dict]) -> None:
-    if not history:
-        return
-    from toolkit.report import plot_curves
-
-    plot_curves(history, run_dir / "plots" / "curves.png")
-
-
-def _flat_hparams(cfg: RunConfig) -> dict:
-    """TensorBoard's hparams take scalars only."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat

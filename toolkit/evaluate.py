@@ -17,8 +17,8 @@ from toolkit.checkpoint import load_best
 from toolkit.data import FileImages, TensorImages
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import READ_ERRORS, Preprocess, load_uint8, normalize, preprocess_from
+from toolkit.rundir import Meta, RunDir
 
-EVAL_DIR = "eval"
 SHOWN = 20  # images in predictions.png and misclassified.png
 DEFAULT_BATCH = 256
 
@@ -49,16 +49,16 @@ def decode(path: str, pre: Preprocess) -> torch.Tensor:
         raise ToolkitError(f"{path}: cannot read this image: {exc}") from None
 
 
-def run_validation_set(run_dir: Path, meta: dict) -> tuple[EvalSet, int]:
+def run_validation_set(run_dir: Path, meta: Meta) -> tuple[EvalSet, int]:
     """The validation split the run was trained with, rebuilt from RUN_DIR/config.yaml."""
     from toolkit.data import build_data
-    from toolkit.export import load_run_config
+    from toolkit.rundir import load_run_config
 
     cfg = load_run_config(run_dir)
     bundle = build_data(cfg.data)
-    if bundle.classes != meta["classes"]:
+    if bundle.classes != meta.classes:
         raise ToolkitError(f"{run_dir}: the data of config.yaml now has classes {bundle.classes}, the checkpoint "
-                           f"was trained on {meta['classes']}; evaluate on a folder with --data-root")
+                           f"was trained on {meta.classes}; evaluate on a folder with --data-root")
     val = bundle.val
     description = f"the validation set of {run_dir} ({cfg.data.name})"
     batch = cfg.data.eval_batch_size or 2 * cfg.data.batch_size  # as in training: the same arithmetic
@@ -115,26 +115,25 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None,
     run_dir = Path(run_dir)
     console = console or Console(soft_wrap=True)
     model, meta = load_best(run_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
-    pre = preprocess_from(meta)  # the version the model was trained with
+    classes = meta.classes
+    pre = preprocess_from(meta.preprocess)  # the version the model was trained with
     if data_root is None:
         data, batch_size = run_validation_set(run_dir, meta)
     else:
         data, batch_size = folder_set(Path(data_root), classes), DEFAULT_BATCH
     if len(data) == 0:
         raise ToolkitError(f"nothing to evaluate: {data.description} is empty")
-    console.print(f"Evaluating {run_dir}/checkpoints/best ({meta['model']['name']}, epoch {meta.get('epoch', '?')}) "
+    console.print(f"Evaluating {run_dir}/checkpoints/best ({meta.model.name}, epoch {'?' if meta.epoch is None else meta.epoch}) "
                   f"on {data.description}: {len(data)} images", highlight=False)
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL decoding and resizing release the GIL
         probs = predict_probs(model, data, pre, batch_size, pool)
         labels = data.labels.numpy()
         result = rep.compute_report(labels, probs, classes)
-        result.update(source=data.description, checkpoint_epoch=meta.get("epoch"),
-                      checkpoint_val_acc=meta.get("val_acc"))
+        result.update(source=data.description, checkpoint_epoch=meta.epoch, checkpoint_val_acc=meta.val_acc)
         rep.render_report(result, console)
 
-        out = run_dir / EVAL_DIR
+        out = RunDir(run_dir).eval
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(result, indent=2))
         rep.plot_confusion_matrix(np.asarray(result["confusion_matrix"]), classes, out / "confusion_matrix.png")

@@ -11,14 +11,18 @@ import torch
 from torch import nn
 
 from toolkit.errors import ToolkitError, did_you_mean
+from toolkit.names import SEED_MODELS
 
 ModelBuilder = Callable[..., nn.Module]
-SEED_MODELS: dict[str, ModelBuilder] = {}
+BUILDERS: dict[str, ModelBuilder] = {}  # one per name of names.SEED_MODELS
 
 
 def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    if name not in SEED_MODELS:  # config.py validates against names.SEED_MODELS, without torch
+        raise ValueError(f"seed model {name!r}: add it to toolkit/names.py SEED_MODELS too")
+
     def add(builder: ModelBuilder) -> ModelBuilder:
-        SEED_MODELS[name] = builder
+        BUILDERS[name] = builder
         return builder
 
     return add
@@ -173,7 +177,7 @@ def build_model(name: str, num_classes: int, channels: int, image_size: int,
                 args: dict | None = None, torchvision_weights: str | None = None) -> nn.Module:
     """Config -> model with a head of num_classes for channels x image_size x image_size input."""
     args = dict(args or {})
-    builder = SEED_MODELS.get(name)
+    builder = BUILDERS.get(name)
     if builder is None:
         return _torchvision(name, channels, num_classes, torchvision_weights, **args)
     allowed = [p for p in inspect.signature(builder).parameters if p not in ("channels", "image_size", "num_classes")]

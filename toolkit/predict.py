@@ -34,10 +34,9 @@ def predict_files(run_dir: str | Path, paths: list[str | Path], topk: int = 5,
     if topk < 1:
         raise ToolkitError(f"--topk: {topk} must be at least 1")
     model, meta = load_best(Path(run_dir))
-    classes = meta.get("classes") or [str(i) for i in range(meta["num_classes"])]
     from toolkit.preprocess import preprocess_from
 
-    pre = preprocess_from(meta)  # the version the model was trained with
+    classes, pre = meta.classes, preprocess_from(meta.preprocess)  # the version the model was trained with
     k = min(topk, len(classes))
     answers = []
     paths = [Path(p) for p in paths]

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
-from toolkit.config import RunConfig
 from toolkit.data import build_data
-from toolkit.errors import ToolkitError
+from toolkit.rundir import load_run_config
 
 
 def write_samples(run_dir: Path, out_dir: Path, count: int = 8) -> list[Path]:
     """The first `count` validation images, as stored (uint8, model size), named <index>_<class>.png."""
-    config_file = Path(run_dir) / "config.yaml"
-    if not config_file.is_file():
-        raise ToolkitError(f"{run_dir}: not a run directory (no config.yaml)")
-    bundle = build_data(RunConfig.model_validate(yaml.safe_load(config_file.read_text())).data)
+    bundle = build_data(load_run_config(run_dir).data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -1,0 +1,63 @@
+"""Optional features of the epoch loop, as objects with small hooks (timm's `model_ema=None`,
+`mixup_fn=None`, made into one protocol): the loop calls each hook at fixed points and reads no
+feature's flags itself. `Tracker` (Accelerate's experiment trackers) is the first; EMA, top-k
+checkpoints and preemption plug in the same way."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from toolkit.training import Training
+
+
+class Hook:
+    """Every method does nothing; a feature overrides the points it needs. Each is called on every
+    process, in the order the hooks were given."""
+
+    def on_start(self, run: Training) -> None:
+        """Set-up is complete (and resumed): before the first epoch of this invocation."""
+
+    def after_optimizer_step(self, run: Training, global_step: int) -> None:
+        """After each optimizer step (not each micro-batch), e.g. to update an EMA of the weights.
+        Nothing here may read a value off the device: that is a sync per step."""
+
+    def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
+        """Every few steps, when the loop has just summed its on-device totals over all processes:
+        `loss` is the mean training loss (all processes) of the steps since the previous reduce,
+        `lr` the rate the last step used. The only place per-step values reach the host."""
+
+    def after_epoch(self, run: Training, metrics: dict) -> None:
+        """The epoch is validated, recorded and checkpointed; `metrics` is its metrics.jsonl line."""
+
+    def on_end(self, run: Training, summary: dict) -> None:
+        """The invocation stops normally (not on an error); summary.json is written."""
+
+
+class Tracker(Hook):
+    """train.log_with: scalars to Accelerate's trackers, only at the reduce cadence (never a device
+    sync per step): `Loss/train` and `lr` every reduce, `epoch/*` every epoch, the config as hparams."""
+
+    def on_start(self, run: Training) -> None:
+        run.accelerator.init_trackers(run.cfg.train.run_name or "run", config=flat_hparams(run.cfg))
+
+    def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
+        run.accelerator.log({"Loss/train": loss, "lr": lr}, step=global_step)
+
+    def after_epoch(self, run: Training, metrics: dict) -> None:
+        run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"},
+                            step=metrics["epoch"] * run.steps_per_epoch)
+
+
+def default_hooks(cfg) -> list[Hook]:
+    """The hooks the config asks for."""
+    return [Tracker()] if cfg.train.log_with != "none" else []
+
+
+def flat_hparams(cfg) -> dict:
+    """TensorBoard's hparams take scalars only."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
