@@ -93,6 +93,18 @@ def test_existing_run_is_refused_not_overwritten(tmp_path):
     assert summary["epochs_completed"] == 1
 
 
+def test_a_start_that_failed_before_training_does_not_take_the_run_directory(tmp_path):
+    """A missing dataset stops the start after config.yaml is written; fixing the config and starting
+    again needs no --resume or overwrite (there is nothing to lose), a run with results still does."""
+    with pytest.raises(ToolkitError, match="MNIST|mnist"):
+        train_run(tmp_path, "data.name=mnist", f"data.root={tmp_path / 'no-mnist-here'}")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "config.yaml"]
+    _, summary = train_run(tmp_path, "train.epochs=1")
+    assert summary["status"] == "complete"
+    with pytest.raises(ToolkitError, match="already holds a finished run"):
+        train_run(tmp_path, "train.epochs=1")
+
+
 def test_resume_without_checkpoint_starts_over_with_notice(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

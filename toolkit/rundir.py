@@ -52,7 +52,15 @@ class RunDir:
     tensorboard = property(lambda self: self.path / TENSORBOARD)
 
     def is_occupied(self) -> bool:
-        return self.path.is_dir() and any(self.path.iterdir())
+        """Holds something a user could lose: more than the config.yaml and empty checkpoints/ that a start
+        writes before its data is read (a start that failed there, on a missing dataset say, leaves only those)."""
+        if not self.path.is_dir():
+            return False
+        for entry in self.path.iterdir():
+            if entry == self.config_file or (entry == self.checkpoints and entry.is_dir() and not any(entry.iterdir())):
+                continue
+            return True
+        return False
 
     def is_finished(self) -> bool:
         return self.summary_file.is_file()
