@@ -19,17 +19,17 @@ BAD_CONFIGS = [
     # (yaml text, --set overrides, fragments the message must contain)
     ("data:\n  batchsize: 32\n", [], ["data.batchsize", "unknown key", "did you mean 'batch_size'"]),
     ("optim:\n  name: adamm\n", [], ["optim.name", "'adamm'", "'sgd'", "did you mean 'adam'"]),
-    ("optim:\n  lr: -0.1\n", [], ["optim.lr", "-0.1", "greater than 0"]),
-    ("train:\n  epochs: ten\n", [], ["train.epochs", "'ten'", "valid integer"]),
+    ("optim:\n  lr: -0.1\n", [], ["optim.lr: -0.1 must be greater than 0"]),
+    ("train:\n  epochs: ten\n", [], ["train.epochs: 'ten' is not a whole number"]),
     ("data:\n  name: imagefolder\n", [], ["data.root", "is required for data.name 'imagefolder'"]),
     ("data:\n  name: imagefolder\n  root: /nonexistent/photos\n", [], ["data.root", "/nonexistent/photos", "does not exist"]),
     ("data:\n  channels: 2\n", [], ["data.channels", "2", "1 or 3"]),
     ("train:\n  mixed_precision: fp8\n", [], ["train.mixed_precision", "'fp8'", "'bf16'"]),
     ("schedule:\n  name: cosin\n", [], ["schedule.name", "did you mean 'cosine'"]),
-    ("data:\n  val_fraction: 1.5\n", [], ["data.val_fraction", "1.5", "less than 1"]),
+    ("data:\n  val_fraction: 1.5\n", [], ["data.val_fraction: 1.5 must be less than 1"]),
     ("modle:\n  name: lenet\n", [], ["modle", "unknown key", "did you mean 'model'"]),
     ("train:\n  resume: true\n  overwrite: true\n", [], ["train.overwrite", "cannot be combined"]),
-    ("", ["optim.momentum=1.5"], ["--set: optim.momentum", "1.5", "less than 1"]),
+    ("", ["optim.momentum=1.5"], ["--set: optim.momentum: 1.5 must be less than 1"]),
     ("data: [1, 2]\n", [], ["data", "expected a section"]),
     ("optim:\n  lr: [0.1\n", [], ["not valid YAML", "line"]),
     ("model:\n  pretrained_weights: /no/such/weights.pt\n", [], ["model.pretrained_weights", "is not a file"]),
@@ -76,7 +76,7 @@ def test_cli_bad_config_exits_2_without_traceback_or_torch(tmp_path):
 def test_cli_exit_status_for_real_command(tmp_path):
     result = run_cli("train", "--config", "smoke.yaml", "--set", "train.epochs=0", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "--set: train.epochs: 0 is invalid: Input should be greater than 0" in result.stderr
+    assert result.stderr.count("error: --set: train.epochs: 0 must be greater than 0") == 1
     assert "Traceback" not in result.stderr
 
 

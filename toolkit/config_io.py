@@ -115,6 +115,14 @@ def _describe_allowed(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Our own words for pydantic's error types (its messages change between releases; these do not).
+BOUNDS = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "at least"),
+          "less_than": ("lt", "less than"), "less_than_equal": ("le", "at most")}
+TYPES = {"int_parsing": "a whole number", "int_type": "a whole number", "int_from_float": "a whole number",
+         "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+         "bool_type": "true or false", "string_type": "text", "list_type": "a list"}
+
+
 def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) -> list[str]:
     """One line per problem: '<file or --set>: <dotted.key>: <what is wrong and what is allowed>'."""
     lines = []
@@ -144,6 +152,11 @@ def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) ->
             message = f"expected a section (a mapping of keys), got {value!r}"
         elif kind == "missing":
             message = "is required"
+        elif kind in BOUNDS:
+            bound, words = BOUNDS[kind]
+            message = f"{value!r} must be {words} {err['ctx'][bound]}"
+        elif kind in TYPES:
+            message = f"{value!r} is not {TYPES[kind]}"
         else:
             message = f"{value!r} is invalid: {err['msg'].removeprefix('Value error, ')}"
         lines.append(f"{origin}: {dotted}: {message}")
