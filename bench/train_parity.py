@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
     from toolkit import engine
     from toolkit.config_io import load_config
-    from toolkit.data import BatchAugment, build_data
+    from toolkit.augment import BatchAugment
+    from toolkit.data import build_data
     from toolkit.models import build_model
     from toolkit.optim import build_optimizer, build_scheduler
     from toolkit.preprocess import normalize

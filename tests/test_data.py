@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import run_cli
 from toolkit.config import DataConfig
-from toolkit.data import BatchAugment, _conform, build_data, random_crop, split_indices
+from toolkit.augment import BatchAugment, random_crop
+from toolkit.data import _conform, build_data, split_indices
 from toolkit.errors import ToolkitError
 from toolkit.preprocess import preprocess_image
 

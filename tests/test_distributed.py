@@ -18,7 +18,8 @@ from launching import (EXPLICIT, REFERENCE, command, load_best_weights, load_res
                        reference_run, run)
 from toolkit.checkpoint import load_best
 from toolkit.config_io import load_config
-from toolkit.data import BatchAugment, EpochShuffle, build_data
+from toolkit.augment import BatchAugment
+from toolkit.data import EpochShuffle, build_data
 from toolkit.models import build_model
 from toolkit.preprocess import normalize
 

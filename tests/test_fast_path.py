@@ -19,7 +19,8 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from conftest import ROOT, train_run
 from toolkit.config import DataConfig
-from toolkit.data import BatchAugment, EpochShuffle, SliceBatches, TensorImages, build_data, build_loaders
+from toolkit.augment import BatchAugment
+from toolkit.data import EpochShuffle, SliceBatches, TensorImages, build_data, build_loaders
 
 PLAIN = ("module.", "_orig_mod.")
 

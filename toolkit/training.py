@@ -16,7 +16,8 @@ from accelerate.utils import set_seed
 
 from toolkit.checkpoint import Keeper
 from toolkit.config import RunConfig
-from toolkit.data import BatchAugment, DataBundle, build_data, build_loaders, num_steps
+from toolkit.augment import BatchAugment
+from toolkit.data import DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model, freeze_backbone, load_pretrained
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
