@@ -105,6 +105,25 @@ def test_a_start_that_failed_before_training_does_not_take_the_run_directory(tmp
         train_run(tmp_path, "train.epochs=1")
 
 
+def test_a_best_checkpoint_cut_off_mid_write_is_discarded_and_the_run_resumes(tmp_path):
+    """What SIGKILL leaves while checkpoints/.best-*.tmp is being written (a directory with a truncated
+    weights.pt, a half-swapped link): `best` still loads the last complete one, and --resume finishes
+    with nothing half-written left behind. (The two-process kill test stops runs at other moments.)"""
+    run_dir, _ = train_run(tmp_path, "train.epochs=2", "train.stop_after=1")
+    ckpt = run_dir / "checkpoints"
+    before = load_best(run_dir)[0].state_dict()
+    half = ckpt / ".best-e0002-s0000024.tmp"
+    half.mkdir()
+    (half / "weights.pt").write_bytes((ckpt / "best" / "weights.pt").read_bytes()[:100])
+    (ckpt / ".best.link.tmp").symlink_to(half.name)
+    after = load_best(run_dir)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    _, summary = train_run(tmp_path, "train.epochs=2", "train.resume=true")
+    assert summary["status"] == "complete" and summary["epochs_completed"] == 2
+    assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
+    load_best(run_dir)
+
+
 def test_resume_without_checkpoint_starts_over_with_notice(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
