@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from accelerate.utils import DistributedType
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
@@ -78,7 +79,7 @@ def test_validation_counts_each_image_once_and_equals_one_process(reference):
 
 def test_only_the_main_process_prints_and_writes(reference):
     run_dir, result = reference
-    for line in ("processes 2 (MULTI_CPU)", "synthetic: 512 train / 171 val images", "effective batch 64",
+    for line in (f"processes 2 ({DistributedType.MULTI_CPU.value})", "synthetic: 512 train / 171 val images", "effective batch 64",
                  "epoch 1/3 step 5/8 loss", "epoch 3/3 step 8/8 loss", "Epoch [1/3]", "Epoch [3/3]"):
         assert result.stdout.count(line) == 1, line
     assert "Traceback" not in result.stderr
