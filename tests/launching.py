@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -119,9 +120,12 @@ class Background:
         return self.stdout_path.read_text()
 
     def wait_for(self, condition, timeout: float = 120, poll_s: float = 0.002) -> None:
-        """Poll until condition() is true; fail if the run ends or the time runs out first."""
+        """Poll until condition() is true, then freeze every process of the run (SIGSTOP) and check again:
+        the run is left frozen in a state where condition() holds, so a kill that follows kills exactly
+        that state (a write that finished between the check and the kill would otherwise go unseen).
+        Fail if the run ends or the time runs out first."""
         deadline = time.monotonic() + timeout
-        while not condition():
+        while not (condition() and self._frozen_still(condition)):
             if self.proc.poll() is not None:
                 raise AssertionError(f"the run ended (exit {self.proc.returncode}) before the kill point:\n"
                                      f"{self.stdout()[-2000:]}\n{self.stderr_path.read_text()[-2000:]}")
@@ -130,8 +134,26 @@ class Background:
                 raise AssertionError("kill point not reached in time")
             time.sleep(poll_s)
 
+    def _frozen_still(self, condition) -> bool:
+        tree = self._tree()
+        for p in tree:
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGSTOP)
+        if condition():
+            return True
+        for p in tree:  # missed: the state moved on before the freeze; let the run go on
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGCONT)
+        return False
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self) -> None:
-        kill_tree(self.proc)
+        kill_tree(self.proc)  # SIGKILL reaches stopped processes too
 
 
 def processes_of(output_dir: Path) -> list[str]:
