@@ -47,6 +47,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The `toolkit` command in this process (cli.main, as the console script calls it): (exit status,
+    stdout, stderr). For the tests where a new interpreter is not the point."""
+    from toolkit.cli import main
+
+    capsys.readouterr()  # only this command's output
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_main
 from toolkit.config import DataConfig
 from toolkit.augment import BatchAugment, random_crop
 from toolkit.data import _conform, build_data, split_indices
@@ -45,13 +45,13 @@ def test_split_indices_partition():
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_missing_torchvision_dataset_names_path_and_flag(tmp_path, name):
+def test_missing_torchvision_dataset_names_path_and_flag(tmp_path, name, capsys):
     with pytest.raises(ToolkitError) as info:
         build_data(DataConfig(name=name, root=str(tmp_path / "nothing")))
     assert str(tmp_path / "nothing") in str(info.value) and "data.download: true" in str(info.value)
-    result = run_cli("train", "--config", "smoke.yaml", "--set", f"data.name={name}", "--set", f"data.root={tmp_path}",
-                     "--set", f"train.output_dir={tmp_path / 'runs'}")
-    assert result.returncode == 2 and "data.download" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = run_main(capsys, "train", "--config", "smoke.yaml", "--set", f"data.name={name}",
+                            "--set", f"data.root={tmp_path}", "--set", f"train.output_dir={tmp_path / 'runs'}")
+    assert code == 2 and err.count("data.download") == 1
 
 
 def test_synthetic_shapes_and_counts():
