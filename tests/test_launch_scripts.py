@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT
 from launching import fake_slurm
 
+# One file per call: the nodes of a SLURM stand-in run at the same time
 RECORDER = """#!/usr/bin/env bash
-python3 - "$@" <<'PY' >> "$RECORD"
+python3 - "$@" <<'PY' > "$RECORD/$$.json"
 import json, os, sys
 print(json.dumps({"args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS"),
                   "cpu": os.environ.get("ACCELERATE_USE_CPU"), "node": os.environ.get("SLURM_NODEID")}))
@@ -32,7 +33,8 @@ def stand_ins(tmp_path: Path, cores: int) -> dict:
     (fake_bin / "nproc").write_text(f"#!/usr/bin/env bash\necho {cores}\n")
     for tool in fake_bin.iterdir():
         tool.chmod(0o755)
-    return {"ACCELERATE": str(fake_bin / "accelerate"), "RECORD": str(tmp_path / "record.jsonl"),
+    (tmp_path / "record").mkdir(exist_ok=True)
+    return {"ACCELERATE": str(fake_bin / "accelerate"), "RECORD": str(tmp_path / "record"),
             "PATH": f"{fake_bin}:{os.environ['PATH']}"}
 
 
@@ -41,9 +43,10 @@ def launched(tmp_path: Path, script: str, env: dict) -> list[dict]:
     result = subprocess.run(["bash", str(ROOT / script), "--config", "smoke.yaml"], cwd=ROOT, env={**base, **env},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    record = Path(env["RECORD"])
-    calls = [json.loads(line) for line in record.read_text().splitlines()]
-    record.unlink()
+    calls = []
+    for record in Path(env["RECORD"]).iterdir():
+        calls.append(json.loads(record.read_text()))
+        record.unlink()
     return calls
 
 
