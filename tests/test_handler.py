@@ -25,6 +25,7 @@ from torch import nn
 from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
+from fuzz_corpus import encode
 from toolkit.preprocess import preprocess_image
 
 HANDLER_PATH = Path(__file__).resolve().parents[1] / "serve" / "handler.py"
@@ -122,14 +123,6 @@ def pil_image(mode: str, width: int = 37, height: int = 23, seed: int = 0) -> Im
     if mode == "F":
         return Image.fromarray(rng.uniform(-20, 300, (height, width)).astype(np.float32))
     raise ValueError(mode)
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    if "transparency" in img.info and fmt in ("PNG", "GIF"):
-        kwargs.setdefault("transparency", img.info["transparency"])
-    img.save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
 def animated_gif() -> bytes:
