@@ -2,7 +2,7 @@
 
 bench/train_parity.py shows that the toolkit's training step computes exactly what the guide's
 loop computes, given the same batches, the same dropout random numbers and the same input
-normalisation. Over whole runs the two sides still differ in three ways, each a choice with no
+normalisation. Over whole runs the two sides still differ in four ways, each a choice with no
 arithmetic of its own:
 
   norm     guide: (x / 255 - mean) / std          toolkit: x * scale + shift (one rounding apart)
@@ -12,13 +12,16 @@ arithmetic of its own:
            iterator drawing a base seed from it
   dropout  guide: the global RNG goes on from      toolkit: the global RNG is re-seeded with the
            where drawing the weights left it       seed after the weights are drawn
+  layout   guide: contiguous tensors               toolkit: channels_last model and batches (the
+                                                   default): dropout's masks fall on other elements
 
 This script runs the guide's loop in one process on the bench's digits (bench/train_throughput.py
 makes them; pixels decoded once, as the toolkit does: identical to the guide's per-file decoding)
-with each of the three set either way, over several seeds, and prints the final validation
-accuracy of every run and each variant's mean. With all three set the toolkit's way the loop must
-reproduce a real `toolkit train` run (channels_last off, the same seed) epoch for epoch:
-`--check-toolkit` runs one and compares every epoch's training loss and validation accuracy.
+with each of the four set either way, over several seeds, and prints the final validation
+accuracy of every run and each variant's mean. With norm, order and dropout set the toolkit's way
+the loop must reproduce a real `toolkit train` run (fp32, the same seed, channels_last as the
+layout says) epoch for epoch: `--check-toolkit` runs one and compares every epoch's training loss
+and validation accuracy.
 
     python bench/accuracy_streams.py --check-toolkit --seeds 42
     python bench/accuracy_streams.py --seeds 42,1,2,3,4,5,6,7 --variant guide --variant toolkit
@@ -43,9 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from train_throughput import MEAN, STD, make_digit_folder  # noqa: E402
 
-CHOICES = ("norm", "order", "dropout")
-PRESETS = {"guide": dict(norm="guide", order="guide", dropout="guide"),
-           "toolkit": dict(norm="toolkit", order="toolkit", dropout="toolkit")}
+CHOICES = ("norm", "order", "dropout", "layout")
+PRESETS = {"guide": dict.fromkeys(CHOICES, "guide"), "toolkit": dict.fromkeys(CHOICES, "toolkit")}
 
 
 def parse_variant(text: str) -> dict:
@@ -70,8 +72,8 @@ def label(variant: dict) -> str:
 
 def guide_loop(images, labels, val_images, val_labels, seed: int, variant: dict, epochs: int, batch_size: int,
                lr: float, gamma: float) -> list[dict]:
-    """The MNIST guide's train/test loop (Adam, StepLR per epoch, fp32, contiguous) on uint8
-    tensors; returns each epoch's mean training loss and validation accuracy."""
+    """The MNIST guide's train/test loop (Adam, StepLR per epoch, fp32) on uint8 tensors; returns
+    each epoch's mean training loss and validation accuracy."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
@@ -80,12 +82,14 @@ def guide_loop(images, labels, val_images, val_labels, seed: int, variant: dict,
     from toolkit.models import build_model
     from toolkit.preprocess import normalize
 
+    layout = torch.channels_last if variant["layout"] == "toolkit" else torch.contiguous_format
     if variant["norm"] == "guide":
-        norm = lambda x: (x.float() / 255 - MEAN[0]) / STD[0]  # noqa: E731  ToTensor + Normalize
+        scale = lambda x: (x.float() / 255 - MEAN[0]) / STD[0]  # noqa: E731  ToTensor + Normalize
     else:
-        norm = lambda x: normalize(x, list(MEAN), list(STD))  # noqa: E731
+        scale = lambda x: normalize(x, list(MEAN), list(STD))  # noqa: E731
+    norm = lambda x: scale(x).contiguous(memory_format=layout)  # noqa: E731
     torch.manual_seed(seed)
-    model = build_model("mnist_cnn", 10, 1, 28)
+    model = build_model("mnist_cnn", 10, 1, 28).to(memory_format=layout)
     if variant["dropout"] == "toolkit":
         torch.manual_seed(seed)  # what set_seed(seed, device_specific=True) does for process 0
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -129,15 +133,15 @@ def losses(values) -> str:
     return ", ".join(f"{v:.6f}" for v in values)
 
 
-def toolkit_run(data: Path, seed: int, args, work: Path) -> list[dict]:
-    """A real `toolkit train` on the same folder (channels_last off, fp32); its metrics.jsonl."""
+def toolkit_run(data: Path, seed: int, args, work: Path, channels_last: bool) -> list[dict]:
+    """A real `toolkit train` on the same folder in fp32; its metrics.jsonl."""
     config = work / "streams.yaml"
     config.write_text("data:\n  name: imagefolder\n")
     sets = [f"data.root={data}", "data.channels=1", "data.image_size=28", f"data.mean={list(MEAN)}",
             f"data.std={list(STD)}", f"data.batch_size={args.batch_size}", "model.name=mnist_cnn", "optim.name=adam",
             f"optim.lr={args.lr}", "schedule.name=step", "schedule.step_epochs=1", f"schedule.gamma={args.gamma}",
             f"train.epochs={args.epochs}", f"train.num_threads={args.threads}", f"train.seed={seed}",
-            "train.channels_last=false", "train.mixed_precision=no", f"train.output_dir={work}",
+            f"train.channels_last={channels_last}", "train.mixed_precision=no", f"train.output_dir={work}",
             "train.run_name=toolkit", "train.overwrite=true", "train.log_every=1000"]
     cmd = [sys.executable, "-m", "toolkit", "train", "--config", str(config)]
     for item in sets:
@@ -165,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="append one JSON line per run here")
     args = p.parse_args(argv)
     variants = [parse_variant(v) for v in args.variants or ["guide", "toolkit"]]
-    if args.check_toolkit and PRESETS["toolkit"] not in variants:
+    if args.check_toolkit and not any(all(v[k] == "toolkit" for k in ("norm", "order", "dropout")) for v in variants):
         variants.append(dict(PRESETS["toolkit"]))
 
     import torch
@@ -198,8 +202,8 @@ def main(argv=None) -> int:
             if args.json:
                 with args.json.open("a") as f:
                     f.write(json.dumps({"seed": seed, "variant": label(variant), "history": history}) + "\n")
-            if args.check_toolkit and variant == PRESETS["toolkit"]:
-                real = toolkit_run(data, seed, args, work)
+            if args.check_toolkit and all(variant[k] == "toolkit" for k in ("norm", "order", "dropout")):
+                real = toolkit_run(data, seed, args, work, channels_last=variant["layout"] == "toolkit")
                 same = all(r["epoch"] == h["epoch"] and r["val_acc"] == h["val_acc"]
                            and abs(r["train_loss"] - h["train_loss"]) <= 1e-6 * h["train_loss"]
                            for r, h in zip(real, history)) and len(real) == len(history)

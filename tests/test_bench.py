@@ -9,10 +9,10 @@ from conftest import ROOT
 
 
 def test_toolkit_training_is_the_guides_loop_with_the_toolkits_random_streams(tmp_path):
-    """A real `toolkit train` (fp32, channels_last off) gives, epoch for epoch, the training loss
-    and validation accuracy of the MNIST guide's plain loop fed the toolkit's normalisation, data
-    order and dropout seeding (bench/accuracy_streams.py). So any accuracy difference between the
-    toolkit and the guide comes from those three choices, which the bench measures over seeds;
+    """A real `toolkit train` (fp32, default channels_last) gives, epoch for epoch, the training
+    loss and validation accuracy of the MNIST guide's plain loop fed the toolkit's normalisation,
+    data order, dropout seeding and memory layout (bench/accuracy_streams.py). So any accuracy difference between the
+    toolkit and the guide comes from those four choices, which the bench measures over seeds;
     a change to the step, schedule, train/eval modes or validation shows up here as a mismatch."""
     result = subprocess.run(
         [sys.executable, "bench/accuracy_streams.py", "--check-toolkit", "--variant", "toolkit", "--seeds", "3",
