@@ -121,8 +121,27 @@ def test_bare_yaml_no_is_a_precision(tmp_path):
     assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
     assert load_config("smoke.yaml", ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config("smoke.yaml").train.mixed_precision == "auto"
-    with pytest.raises(ConfigError, match=r"train.mixed_precision: True is not one of 'auto', 'no', 'bf16' or 'fp16'"):
+    with pytest.raises(ConfigError, match=r"--set: train.mixed_precision: 'yes' is not one of 'auto', 'no', 'bf16' or 'fp16'"):
         load_config("smoke.yaml", ["train.mixed_precision=yes"])
+    path.write_text("train:\n  mixed_precision: yes\n")
+    with pytest.raises(ConfigError, match=r"mixed_precision: True is not one of .*YAML reads a bare yes"):
+        load_config(path)
+
+
+def test_text_keys_keep_what_was_typed(tmp_path):
+    """A run named `no`, `2024` or `off` is that name: in --set the text is kept as typed; in a file,
+    where YAML has already made it false, the message says to quote it instead of silently falling
+    back to the config file's name."""
+    assert load_config("smoke.yaml", ["train.run_name=no"]).train.run_name == "no"
+    assert load_config("smoke.yaml", ["train.run_name=2024"]).train.run_name == "2024"
+    assert load_config("smoke.yaml", ["train.run_name=null"]).train.run_name == "smoke"
+    assert load_config("smoke.yaml", ["train.epochs=3"]).train.epochs == 3  # numbers stay numbers
+    path = tmp_path / "named.yaml"
+    path.write_text("train:\n  run_name: no\n")
+    with pytest.raises(ConfigError, match=r"named.yaml: train.run_name: False is not text: .* quote it"):
+        load_config(path)
+    path.write_text("train:\n  run_name: 'no'\n")
+    assert load_config(path).train.run_name == "no"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -6,7 +6,7 @@ Imports neither torch nor accelerate, like config.py."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -28,8 +28,28 @@ def resolve_config_path(path: str | Path) -> Path:
     raise ConfigError([f"{path}: config file not found{hint}{listing}"])
 
 
+def _wants_text(parts: list[str]) -> bool:
+    """Whether the key at this dotted path takes text (str, Optional[str], a Literal of strings)."""
+    model: type[BaseModel] = RunConfig
+    for part in parts[:-1]:
+        annotation = getattr(model.model_fields.get(part), "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return False
+        model = annotation
+    field = model.model_fields.get(parts[-1])
+    if field is None:
+        return False
+    annotation = field.annotation
+    if get_origin(annotation) is Union:
+        annotation = next((a for a in get_args(annotation) if a is not type(None)), None)
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    return annotation is str
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """['optim.lr=3e-4', 'train.epochs=2'] -> nested dict, values parsed as YAML."""
+    """['optim.lr=3e-4', 'train.epochs=2'] -> nested dict, values parsed as YAML, except where the key
+    takes text: there the text is kept as typed (run_name=no is 'no', not false; run_name=2024 is '2024')."""
     nested: dict = {}
     problems = []
     for item in overrides:
@@ -41,8 +61,10 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
-        node = nested
         parts = key.strip().split(".")
+        if value is not None and not isinstance(value, (str, dict, list)) and _wants_text(parts):
+            value = raw.strip()
+        node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -94,7 +116,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     extra = parse_overrides(overrides or [])
     from_overrides = _flatten(extra)
     merged = _merge(raw, extra)
-    if source is not None and not (merged.get("train") or {}).get("run_name"):
+    if source is not None and (merged.get("train") or {}).get("run_name") is None:
         merged.setdefault("train", {})
         if isinstance(merged["train"], dict):
             merged["train"]["run_name"] = source.stem
@@ -148,6 +170,8 @@ def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) ->
             expected = err["ctx"]["expected"]
             choices = [c.strip().strip("'") for c in expected.replace(" or ", ", ").split(",")]
             message = f"{value!r} is not one of {expected}{did_you_mean(value, choices)}"
+            if isinstance(value, bool):
+                message += "; YAML reads a bare yes, no, on, off, true or false as true or false: quote it"
         elif kind == "model_type" or kind == "model_attributes_type":
             message = f"expected a section (a mapping of keys), got {value!r}"
         elif kind == "missing":
@@ -155,6 +179,9 @@ def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) ->
         elif kind in BOUNDS:
             bound, words = BOUNDS[kind]
             message = f"{value!r} must be {words} {err['ctx'][bound]}"
+        elif kind == "string_type" and isinstance(value, bool):
+            message = (f"{value!r} is not text: YAML reads a bare yes, no, on, off, true or false as true or false; "
+                       "quote it ('no')")
         elif kind in TYPES:
             message = f"{value!r} is not {TYPES[kind]}"
         else:
