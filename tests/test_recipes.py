@@ -189,7 +189,8 @@ def test_imagefolder_recipe_trains_on_real_files_in_both_pipelines(tmp_path, cap
     from toolkit.evaluate import evaluate_run
 
     photos = make_photos(tmp_path / "photos")  # 3 classes x 14 files
-    common = [f"data.root={photos}", "model.torchvision_weights=null", "data.image_size=64", "train.epochs=1"]
+    common = [f"data.root={photos}", "model.torchvision_weights=null", "model.freeze_backbone=false",
+              "data.image_size=64", "train.epochs=1"]
     runs = {}
     for pipeline in ("memory", "loader"):
         runs[pipeline], summary = train_run(tmp_path, *common, f"data.pipeline={pipeline}",
@@ -230,10 +231,10 @@ def test_tensorboard_gets_loss_and_lr_at_the_reduce_cadence_and_epoch_metrics(tm
     run_dir, summary = train_run(tmp_path, "train.log_with=tensorboard", "train.epochs=2", "data.synthetic_samples=128",
                                  "train.mixed_precision=auto")  # the start line says what auto chose, and why
     out = capsys.readouterr().out
-    assert re.search(r"^processes 1 \(NO\) \| device cpu \(\d+ cores, \w+ kernels\) \| "
-                     r"(mixed precision bf16 \(auto: the CPU has native bf16\) \| bf16 yes \(native\)|"
-                     r"mixed precision no \(auto: the CPU would emulate bf16\) \| bf16 yes \(emulated: slow\)) \| "
-                     r"channels_last on$", out, re.M), out  # the start line
+    assert re.search(r"^1 process \| device cpu \(\d+ cores, \w+ kernels, "
+                     r"(bf16 native\) \| precision bf16 autocast \(auto: the CPU has native bf16\)|"
+                     r"bf16 emulated: slow\) \| precision fp32 \(auto: the CPU would emulate bf16\)) \| "
+                     r"channels_last on$", out, re.M), out  # the start line, in words
     assert summary["mixed_precision"] in ("no", "bf16") and summary["channels_last"] is True
     steps = read_jsonl(run_dir / "metrics.jsonl")
     steps_per_epoch = 3  # 128 images, 25% held out (smoke.yaml), batch 32

@@ -47,6 +47,19 @@ class DataConfig(Section):
     max_side: int = Field(65_535, gt=0, description="Longest side of an image file training reads (PIL's cost grows with the rows: a 1 x 40,000,000 PNG takes 1.5 s and 0.3-0.8 GB); a longer file stops the run with its path.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training augmentation, applied to whole batches on the training device.")
 
+    def resolved(self) -> "DataConfig":
+        """This section with the dataset's own values filled in where it says null (image_size, channels,
+        mean, std): what the run actually uses, recorded in the run's config.yaml and shown by `config show`."""
+        spec = DATASETS[self.name]
+        channels = self.channels or spec.channels
+        mean, std = (self.mean, self.std) if self.mean is not None else (spec.mean, spec.std)
+        if self.mean is None and len(mean) != channels:  # dataset defaults follow a channel conversion
+            mean, std = ([sum(mean) / len(mean)], [sum(std) / len(std)]) if channels == 1 else (mean * 3, std * 3)
+        if len(mean) == 1 and channels == 3:
+            mean, std = mean * 3, std * 3
+        return self.model_copy(update={"image_size": self.image_size or spec.image_size, "channels": channels,
+                                       "mean": list(mean), "std": list(std)})
+
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
         problems = []
@@ -86,6 +99,11 @@ class ModelConfig(Section):
             problems.append(("torchvision_weights", self.torchvision_weights, "cannot be combined with pretrained_weights"))
         if self.name in SEED_MODELS and self.torchvision_weights:
             problems.append(("torchvision_weights", self.torchvision_weights, f"only applies to torchvision models, not {self.name!r}"))
+        if self.freeze_backbone and not (self.pretrained_weights or self.torchvision_weights):
+            problems.append(("freeze_backbone", True, "freezes a backbone that has no weights loaded "
+                             "(model.torchvision_weights and model.pretrained_weights are both null): only the head "
+                             "would learn, on random features. Set model.freeze_backbone: false to train from "
+                             "scratch, or load weights with one of those keys"))
         if problems:
             raise _cross_field_error(problems)
         return self
@@ -136,7 +154,8 @@ class TrainConfig(Section):
     resume: bool = Field(False, description="Continue the run in the run directory from checkpoints/last.")
     overwrite: bool = Field(False, description="Delete an existing run directory of the same name before starting.")
     stop_after: Optional[int] = Field(None, gt=0, description="Stop this invocation after this many epochs (for time-limited jobs); resume continues.")
-    log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal.")
+    log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal (a cluster log); each epoch's last step is always shown.")
+    log_every_s: float = Field(30, ge=0, description="Also a progress line when this many seconds passed since the last one (stdout not a terminal), so a slow epoch shows life; 0 = steps only.")
     log_with: Literal["none", "tensorboard"] = Field("none", description="Experiment tracker (through Accelerate) writing under the run directory.")
     device: Literal["auto", "cpu"] = Field("auto", description="auto: CUDA or MPS when present, else CPU; cpu: always the CPU.")
     channels_last: bool = Field(True, description="channels_last memory format for model and batches (faster convolutions on CPUs and tensor-core GPUs; checkpoints and export are unaffected).")
@@ -193,6 +212,10 @@ class RunConfig(Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    def resolved(self) -> "RunConfig":
+        """The config with the data's own values in place of null (DataConfig.resolved)."""
+        return self.model_copy(update={"data": self.data.resolved()})
 
 
 class _CrossFieldProblem(ValueError):

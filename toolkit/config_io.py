@@ -97,8 +97,9 @@ def _flatten(tree: dict, prefix: str = "") -> set[str]:
     return keys
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read YAML (optional), apply overrides, validate; every problem reported at once as ConfigError."""
+def read_command_line(path: str | Path | None, overrides: list[str] | None) -> tuple[dict, dict, str, Path | None]:
+    """The YAML file (optional) and the parsed overrides, unvalidated: (file tree, overrides tree, label of
+    the file for messages, the file found)."""
     raw: dict = {}
     label = "<defaults>"
     source = None
@@ -113,17 +114,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"{label}:{where} not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
         if not isinstance(raw, dict):
             raise ConfigError([f"{label}: expected a mapping of sections (data:, model:, ...), got {type(raw).__name__}"])
-    extra = parse_overrides(overrides or [])
-    from_overrides = _flatten(extra)
+    return raw, parse_overrides(overrides or []), label, source
+
+
+def merge_command_line(raw: dict, extra: dict, source: Path | None) -> dict:
+    """File and overrides merged, the run named after the file where nothing names it."""
     merged = _merge(raw, extra)
     if source is not None and (merged.get("train") or {}).get("run_name") is None:
         merged.setdefault("train", {})
         if isinstance(merged["train"], dict):
             merged["train"]["run_name"] = source.stem
+    return merged
+
+
+def validate(tree: dict, label: str, from_overrides: set[str]) -> RunConfig:
     try:
-        return RunConfig.model_validate(merged)
+        return RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, label, from_overrides)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (optional), apply overrides, validate; every problem reported at once as ConfigError."""
+    raw, extra, label, source = read_command_line(path, overrides)
+    return validate(merge_command_line(raw, extra, source), label, _flatten(extra))
 
 
 def _describe_allowed(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -145,6 +159,28 @@ TYPES = {"int_parsing": "a whole number", "int_type": "a whole number", "int_fro
          "bool_type": "true or false", "string_type": "text", "list_type": "a list"}
 
 
+# Other trainers' names for our keys (timm, Lightning, Keras, the tutorials), where spelling alone would
+# not find ours: 'learning_rate' is far from 'lr'. Each maps to the keys it may mean, tried in the section.
+SYNONYMS = {
+    "learning_rate": ("lr",), "lr_rate": ("lr",), "base_lr": ("lr",), "wd": ("weight_decay",),
+    "decay": ("weight_decay",), "optimizer": ("name",), "opt": ("name",), "scheduler": ("name",),
+    "sched": ("name",), "arch": ("name",), "architecture": ("name",), "model": ("name",), "dataset": ("name",),
+    "num_epochs": ("epochs",), "max_epochs": ("epochs",), "n_epochs": ("epochs",), "epoch": ("epochs",),
+    "bs": ("batch_size",), "batch": ("batch_size",), "train_batch_size": ("batch_size",),
+    "eval_batch": ("eval_batch_size",), "val_batch_size": ("eval_batch_size",), "workers": ("num_workers",),
+    "img_size": ("image_size",), "input_size": ("image_size",), "resolution": ("image_size",),
+    "size": ("image_size",), "in_channels": ("channels",), "num_channels": ("channels",),
+    "precision": ("mixed_precision",), "amp": ("mixed_precision",), "early_stopping": ("patience",),
+    "accumulate_grad_batches": ("grad_accum_steps",), "gradient_accumulation_steps": ("grad_accum_steps",),
+    "grad_clip": ("clip_grad_norm",), "gradient_clip_val": ("clip_grad_norm",), "clip_grad": ("clip_grad_norm",),
+    "smoothing": ("label_smoothing",), "output": ("output_dir",), "out_dir": ("output_dir",),
+    "name": ("run_name",), "pretrained": ("torchvision_weights", "pretrained_weights"),
+    "weights": ("torchvision_weights", "pretrained_weights"), "checkpoint": ("pretrained_weights",),
+    "data_dir": ("root",), "path": ("root",), "dir": ("root",), "classes": ("num_classes",),
+    "n_classes": ("num_classes",), "freeze": ("freeze_backbone",), "warmup": ("warmup_epochs",),
+}
+
+
 def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) -> list[str]:
     """One line per problem: '<file or --set>: <dotted.key>: <what is wrong and what is allowed>'."""
     lines = []
@@ -164,7 +200,8 @@ def format_errors(exc: ValidationError, label: str, from_overrides: set[str]) ->
         kind = err["type"]
         if kind == "extra_forbidden":
             allowed = _describe_allowed(RunConfig, loc[:-1])
-            hint = did_you_mean(loc[-1], allowed)
+            synonym = next((k for k in SYNONYMS.get(str(loc[-1]).lower().replace("-", "_"), ()) if k in allowed), None)
+            hint = f" (did you mean {synonym!r}?)" if synonym else did_you_mean(loc[-1], allowed)
             message = f"unknown key{hint}; allowed here: {', '.join(allowed)}"
         elif kind == "literal_error":
             expected = err["ctx"]["expected"]
@@ -194,8 +231,14 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+SCHEMA_ID = "urn:toolkit:run-config"
+
+
 def schema() -> dict:
-    return RunConfig.model_json_schema()
+    """The JSON Schema of config files, with the $schema and $id that editors and validators look for
+    (configs/schema.json is this, kept current by a test; see README, "Editor support")."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            **RunConfig.model_json_schema()}
 
 
 def docs_markdown() -> str:

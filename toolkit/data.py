@@ -104,6 +104,18 @@ class DataBundle:
     classes: list[str]
     preprocess: Preprocess
     pipeline: str  # "memory" or "loader"
+    source_side: int | None = None  # the source images' typical short side, before resizing
+
+    def upsampling_note(self) -> str | None:
+        """A warning when the model sees images more than 2x larger per side than they are: slow, and no
+        detail is gained (a folder of 32x32 images through imagefolder's default 224, say)."""
+        size = self.preprocess["image_size"]
+        if not self.source_side or size <= 2 * self.source_side:
+            return None
+        factor = size / self.source_side
+        return (f"images of about {self.source_side} px a side are upsampled {factor:.1f}x per side to "
+                f"data.image_size {size} ({factor * factor:.0f}x the pixels to compute); set data.image_size "
+                f"to their own size unless the model needs {size} (ImageNet weights do)")
 
     @property
     def in_memory(self) -> bool:
@@ -112,16 +124,9 @@ class DataBundle:
 
 def build_data(cfg: DataConfig) -> DataBundle:
     """Read the configured source into uint8 images at the model's size and channels."""
-    native_channels, native_size, mean, std = DATASETS[cfg.name][:4]
-    channels = cfg.channels or native_channels
-    size = cfg.image_size or native_size
-    if cfg.mean is not None:
-        mean, std = cfg.mean, cfg.std
-    elif len(mean) != channels:  # dataset defaults follow a channel conversion
-        mean, std = ([sum(mean) / len(mean)], [sum(std) / len(std)]) if channels == 1 else (mean * 3, std * 3)
-    if len(mean) == 1 and channels == 3:
-        mean, std = mean * 3, std * 3
-    pre = Preprocess(channels=channels, image_size=size, resize=cfg.resize, mean=list(mean), std=list(std),
+    cfg = cfg.resolved()
+    channels, size = cfg.channels, cfg.image_size
+    pre = Preprocess(channels=channels, image_size=size, resize=cfg.resize, mean=cfg.mean, std=cfg.std,
                      preprocess_version=PREPROCESS_VERSION)
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, pre)
@@ -145,7 +150,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
         lazy = (size, cfg.resize)
         train = TensorImages(_conform(images, channels, native, "resize"), labels, resize=lazy)
         val = TensorImages(_conform(val_images, channels, native, "resize"), val_labels, resize=lazy)
-    return DataBundle(train, val, classes, pre, "memory")
+    return DataBundle(train, val, classes, pre, "memory", source_side=min(images.shape[-2:]))
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,9 +252,24 @@ def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
     pipeline = _choose_pipeline(cfg, nbytes)
     limits = Limits(max_pixels=cfg.max_pixels, max_side=cfg.max_side)
     train, val = FileImages(train_samples, pre, limits), FileImages(val_samples, pre, limits)
+    side = _typical_side([path for path, _ in train_samples])
     if pipeline == "memory":
         train, val = _decode_all(train), _decode_all(val)
-    return DataBundle(train, val, list(train_ds.classes), pre, pipeline)
+    return DataBundle(train, val, list(train_ds.classes), pre, pipeline, source_side=side)
+
+
+def _typical_side(paths: list[str], probes: int = 64) -> int | None:
+    """The median short side of up to `probes` files spread over the set, read from their headers."""
+    from PIL import Image
+
+    sides = []
+    for path in paths[:: max(1, len(paths) // probes)][:probes]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError):  # an unreadable file is reported by the loader, with its path
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
 
 
 def _decode_all(files: FileImages) -> TensorImages:

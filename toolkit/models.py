@@ -156,7 +156,8 @@ def _torchvision(name: str, channels: int, num_classes: int, weights: str | None
     try:
         model = torchvision.models.get_model(name, weights=weights, **args)
     except Exception as exc:  # torchvision raises plain errors for bad weight names and failed downloads
-        raise ToolkitError(f"model.torchvision_weights: cannot load {weights!r} for {name}: {exc}") from None
+        raise ToolkitError(f"model.torchvision_weights: cannot load {weights!r} for {name}: {exc}."
+                           f"{_offline_hint(name, weights)}") from None
     head_key, head = _last(model, nn.Linear)
     _replace(model, head_key, nn.Linear(head.in_features, num_classes))
     stem = _first(model, nn.Conv2d)
@@ -170,7 +171,32 @@ def _torchvision(name: str, channels: int, num_classes: int, weights: str | None
     return model
 
 
+def _offline_hint(name: str, weights: str | None) -> str:
+    """Where the weights come from, and the offline way: a local file given as model.pretrained_weights."""
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(name)[weights or "DEFAULT"].url
+    except (KeyError, ValueError, AttributeError):
+        return ""
+    return (f" Without internet here, fetch {url} where there is, copy it over and use "
+            f"--set model.torchvision_weights=null --set model.pretrained_weights=PATH/{url.rsplit('/', 1)[-1]}")
+
+
 # ---------------------------------------------------------------- entry points
+
+
+def check_model(name: str, args: dict, channels: int, image_size: int) -> None:
+    """The configured model builds for this input (name, arguments, image size), checked without any
+    weights before the run directory is taken or the data read; a ToolkitError says what is wrong."""
+    build_model(name, 2, channels, image_size, args)
+
+
+def parameter_counts(model: nn.Module) -> str:
+    """'1,234,567 parameters, 5,130 trainable': a frozen backbone shows here."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total:,} parameters, {trainable:,} trainable"
 
 
 def build_model(name: str, num_classes: int, channels: int, image_size: int,

@@ -194,22 +194,31 @@ def most_confident_mistakes(labels, probs, n: int = 20) -> np.ndarray:
 
 
 def plot_curves(metrics: list[dict], path) -> None:
-    """Loss and accuracy (%) per epoch, train and val, with the best val-accuracy epoch marked."""
+    """plots/curves.png: curves_figure saved."""
+    _save(curves_figure(metrics), path)
+
+
+def curves_figure(metrics: list[dict]) -> Figure:
+    """Loss and accuracy (%) per epoch, train and val: the best val-accuracy epoch a dashed line on both
+    panels, a star at the highest val accuracy and another at the lowest val loss, each labelled."""
     if not metrics:
         raise ValueError("plot_curves needs at least one epoch of metrics")
     epochs = [m["epoch"] for m in metrics]
     best = max(range(len(metrics)), key=lambda i: metrics[i]["val_acc"])  # first on ties
+    lowest = min(range(len(metrics)), key=lambda i: metrics[i]["val_loss"])
     fig = Figure(figsize=(11, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    panels = ((loss_ax, "loss", 1, "Loss"), (acc_ax, "acc", 100, "Accuracy (%)"))
-    for ax, key, scale, ylabel in panels:
+    panels = ((loss_ax, "loss", 1, "Loss", lowest, "lowest val loss {:.4f}"),
+              (acc_ax, "acc", 100, "Accuracy (%)", best, "best val acc {:.2f}%"))
+    for ax, key, scale, ylabel, star, star_label in panels:
         for split, colour in (("train", "tab:blue"), ("val", "tab:orange")):
             values = [m[f"{split}_{key}"] * scale for m in metrics]
             ax.plot(epochs, values, marker="o", markersize=4, color=colour, label=split)
         ax.axvline(epochs[best], color="gray", linestyle="--", linewidth=1,
                    label=f"best val acc {metrics[best]['val_acc']:.2%} (epoch {epochs[best]})")
-        ax.plot(epochs[best], metrics[best][f"val_{key}"] * scale, marker="*", markersize=14,
-                color="tab:orange", linestyle="none")
+        value = metrics[star][f"val_{key}"] * scale
+        ax.plot(epochs[star], value, marker="*", markersize=14, color="tab:orange", linestyle="none",
+                label=f"{star_label.format(value)} (epoch {epochs[star]})")
         ax.set_xlabel("Epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel} per epoch")
@@ -219,7 +228,7 @@ def plot_curves(metrics: list[dict], path) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    return fig
 
 
 def load_metrics(path) -> list[dict]:

@@ -102,19 +102,30 @@ def check_launch(cfg: RunConfig, accelerator: Accelerator) -> None:
 
 
 def device_report(accelerator: Accelerator, cfg: RunConfig) -> str:
+    """The start-up line, in words: processes, device, precision (and why), memory format."""
     device = accelerator.device
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-        bf16 = "yes (native)" if native_bf16_cuda() else "yes (emulated: slow)"
+        what = f"cuda ({props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {'native' if native_bf16_cuda() else 'emulated'})"
     elif device.type == "mps":
-        what, bf16 = "mps (Apple GPU)", "yes" if torch.backends.mps.is_macos_or_newer(14, 0) else "no"
+        what = "mps (Apple GPU)"
     else:
         native = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
-        what = f"cpu ({os.cpu_count()} cores, {native or 'default'} kernels)"
         # bf16 autocast runs on every CPU; only AVX512-BF16/AMX make it fast rather than emulated
-        bf16 = "yes (native)" if native_bf16_cpu() else "yes (emulated: slow)"
+        what = (f"cpu ({os.cpu_count()} cores, {native or 'default'} kernels, "
+                f"bf16 {'native' if native_bf16_cpu() else 'emulated: slow'})")
     _, why = resolve_precision(cfg)
-    return (f"processes {accelerator.num_processes} ({accelerator.distributed_type.value}) | device {what} | "
-            f"mixed precision {accelerator.mixed_precision}{f' ({why})' if why else ''} | bf16 {bf16} | "
+    precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler"}[accelerator.mixed_precision]
+    return (f"{processes_in_words(accelerator)} | device {what} | precision {precision}{f' ({why})' if why else ''} | "
             f"channels_last {'on' if cfg.train.channels_last else 'off'}")
+
+
+def processes_in_words(accelerator: Accelerator) -> str:
+    """'1 process' or '4 processes on 2 machines (DDP over nccl)'."""
+    n = accelerator.num_processes
+    if n == 1:
+        return "1 process"
+    backend = getattr(accelerator.state, "backend", None) or "?"
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or n)  # torchrun's processes on this machine (display only)
+    where = f" on {n // per_machine} machines" if 0 < per_machine < n else ""
+    return f"{n} processes{where} (DDP over {backend})"
