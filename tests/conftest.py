@@ -75,3 +75,22 @@ def accelerate_launch(tmp_path: Path, *overrides: str, config: str = "smoke.yaml
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return tmp_path / name, result
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`launch/demo.sh`, what `make demo` runs once .venv is set up, as a newcomer runs it: the built-in
+    digits config trained as shipped (fp32 or bf16, as `auto` picks on this machine), exported and
+    archived by the CLI, served, asked, stopped, in a fresh working directory (the run is its
+    runs/digits). HOME is a temporary folder, so the server's state (and the key `toolkit predict --url`
+    reads without --token) lives there. Returns (run dir, result); shared by the end-to-end serving
+    tests and the README walk-through, which goes on from it."""
+    root = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root, env=demo_env(root),
+                            capture_output=True, text=True, timeout=900)
+    return root / "runs" / "digits", result
+
+
+def demo_env(root: Path) -> dict:
+    return {**os.environ, "HOME": str(root / "home"), "DEMO_RUN_DIR": str(root / "runs" / "digits"),
+            "COLUMNS": "250", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -8,11 +8,10 @@ import json
 import shutil
 
 import pytest
-from accelerate.utils import DistributedType
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, read_jsonl
 from launching import (EXPLICIT, REFERENCE, command, load_best_weights, load_resume_weights, processes_of,
@@ -79,7 +78,7 @@ def test_validation_counts_each_image_once_and_equals_one_process(reference):
 
 def test_only_the_main_process_prints_and_writes(reference):
     run_dir, result = reference
-    for line in (f"processes 2 ({DistributedType.MULTI_CPU.value})", "synthetic: 512 train / 171 val images", "effective batch 64",
+    for line in ("2 processes (DDP over gloo)", "synthetic: 512 train / 171 val images", "effective batch 64",
                  "epoch 1/3 step 5/8 loss", "epoch 3/3 step 8/8 loss", "Epoch [1/3]", "Epoch [3/3]"):
         assert result.stdout.count(line) == 1, line
     assert "Traceback" not in result.stderr
@@ -135,10 +134,15 @@ def test_train_metrics_are_means_over_all_processes_and_early_stopping_stops_bot
 def test_non_finite_loss_stops_both_processes_and_keeps_the_last_good_epoch(after_epoch_1, tmp_path):
     run_dir = _copy(after_epoch_1, tmp_path)
     best_before, last_before = load_best_weights(run_dir), load_resume_weights(run_dir)
-    # Resumed with a normalisation that overflows float32 (inputs ~1e37): the loss of epoch 2 is
-    # step is NaN. (optim.lr cannot do it on resume: the learning rate comes back with the optimizer state.)
-    result = run(command(tmp_path, "run", [*REFERENCE, "train.resume=true", "data.mean=[0.5,0.5,0.5]",
-                                           "data.std=[1e-37,1e-37,1e-37]"]), timeout=120)
+    # Resumed from a checkpoints/last whose first convolution was broken (weights ~1e37 overflow float32):
+    # the loss of epoch 2's first step is not finite. (A resume refuses changes that could do it, such as
+    # data.std or optim.lr: checkpoints/last holds what the old values made.)
+    resume_weights = run_dir / "checkpoints" / "last" / "model.safetensors"
+    broken = load_file(resume_weights)
+    broken["features.0.weight"] = torch.full_like(broken["features.0.weight"], 1e37)
+    save_file(broken, resume_weights)
+    last_before = load_resume_weights(run_dir)
+    result = run(command(tmp_path, "run", [*REFERENCE, "train.resume=true"]), timeout=120)
     assert result.returncode == 2  # launch/cpu.sh's status for a user error the main process reported
     message = "error: non-finite loss at epoch 2, by step"
     assert result.stderr.count(message) == 1, result.stderr[-3000:]  # one message, not one per process
@@ -186,8 +190,11 @@ def test_resumed_two_process_run_ends_with_the_reference_weights(reference, afte
 
 def test_processes_share_weights_and_split_but_not_augmentation(tmp_path):
     """rank_probe.py trains with the engine and saves what each process holds. bn_cnn with its backbone
-    frozen (every BatchNorm is in it), bf16 autocast."""
+    frozen (every BatchNorm is in it; a frozen backbone needs weights: its initial ones, saved), bf16 autocast."""
+    set_seed(42)
+    torch.save(build_model("bn_cnn", 4, 3, 16).state_dict(), tmp_path / "initial.pt")
     overrides = ["data.synthetic_samples=683", "model.name=bn_cnn", "model.freeze_backbone=true",
+                 f"model.pretrained_weights={tmp_path / 'initial.pt'}",
                  "train.mixed_precision=bf16", "data.augment.crop_padding=2", "data.augment.hflip=true"]
     result = run(command(tmp_path / "runs", "run", overrides, script=ROOT / "tests" / "rank_probe.py",
                          script_args=[str(tmp_path / "ranks")]))
@@ -227,7 +234,7 @@ def test_processes_share_weights_and_split_but_not_augmentation(tmp_path):
         assert set(r["bn_types"].values()) == {"BatchNorm2d", "BatchNorm1d"}  # model.sync_batchnorm was off
 
     # 10: bf16 autocast trains on the CPU in both processes
-    assert "mixed precision bf16" in result.stdout
+    assert "precision bf16 autocast" in result.stdout
     assert _summary(tmp_path / "runs" / "run")["mixed_precision"] == "bf16"
     assert all(m["train_loss"] == m["train_loss"] for m in read_jsonl(tmp_path / "runs" / "run" / "metrics.jsonl"))
 

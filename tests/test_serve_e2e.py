@@ -34,20 +34,6 @@ IMAGE_SIZE = 16
 SERVE = {"batch_size": 4, "max_batch_delay_ms": 10, "topk": 3, "profile": True}
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`launch/demo.sh`, what `make demo` runs once .venv is set up, as a newcomer runs it: the built-in
-    digits config trained as shipped (fp32 or bf16, as `auto` picks on this machine), exported and
-    archived by the CLI, served, asked, stopped. HOME is a temporary folder, so the server's state (and
-    the key `toolkit predict --url` reads without --token) lives there. Returns (run dir, result)."""
-    root = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "HOME": str(root / "home"), "DEMO_RUN_DIR": str(root / "runs" / "digits"), "COLUMNS": "250",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=900)
-    return root / "runs" / "digits", result
-
-
 def held_out_digits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's held-out validation digits as the original 8x8 uint8 images (N x 1 x 8 x 8) and labels."""
     from sklearn.datasets import load_digits

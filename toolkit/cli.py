@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train (or resume) a run; for several processes use accelerate launch toolkit/train.py")
-    _config_args(train)
-    train.add_argument("--resume", action="store_true", help="continue the run from checkpoints/last (train.resume: true)")
+    _config_args(train, required=False)
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                       help="continue a run from its checkpoints/last and its own config.yaml: the run RUN_DIR, or the "
+                            "one --config and --set name; --set may change what a resume can (train.epochs, ...)")
 
     config = sub.add_parser("config", help="show the resolved config, its JSON Schema or its key reference")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -90,10 +92,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from toolkit.config_io import load_config
+    from toolkit.resume import load_resume_config, wants_resume
 
-    overrides = args.overrides + (["train.resume=true"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)  # before torch is imported: config errors are instant
+    notes: list[str] = []
+    try:  # before torch is imported: config errors are instant
+        if args.config is None and not isinstance(args.resume, str):
+            raise ToolkitError("toolkit train needs --config FILE, or --resume RUN_DIR to continue a run")
+        if wants_resume(args.config, args.overrides, args.resume):
+            cfg, notes = load_resume_config(args.config, args.overrides,
+                                            args.resume if isinstance(args.resume, str) else None)
+        else:
+            cfg = load_config(args.config, args.overrides)
     except ToolkitError as exc:
         if (launched_world_size() or 1) > 1:  # every process of a launch reads the same bad config: one reports
             from toolkit.engine import report_from_main_process
@@ -102,7 +111,7 @@ def cmd_train(args) -> int:
         raise
     from toolkit.engine import train
 
-    summary = train(cfg)
+    summary = train(cfg, notes=notes)
     if summary.get("status") != "complete" and summary.get("epochs_completed", 0) < cfg.train.epochs:
         print(f"stopped after epoch {summary['epochs_completed']} of {cfg.train.epochs}; continue with --resume")
     return 0
@@ -118,7 +127,7 @@ def cmd_config(args) -> int:
     elif args.config_command == "docs":
         print(config.docs_markdown())
     else:
-        print(config.dump_yaml(config.load_config(args.config, args.overrides)), end="")
+        print(config.dump_yaml(config.load_config(args.config, args.overrides).resolved()), end="")
     return 0
 
 

@@ -18,8 +18,11 @@ from rich.console import Console
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, report
 from toolkit.hooks import Hook, default_hooks
-from toolkit.models import train_mode
+from toolkit.models import check_model, parameter_counts, train_mode
+from toolkit.optim import replan
 from toolkit.progress import Reporter, epoch_line
+from toolkit.resume import finished
+from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
 from toolkit.training import Training, build_training, prepare_run_dir
 
@@ -29,14 +32,18 @@ class NonFiniteLoss(ToolkitError):
 
 
 def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] = (),
-          accelerator: Accelerator | None = None) -> dict:
+          accelerator: Accelerator | None = None, notes: Sequence[str] = ()) -> dict:
     """Run (or resume) the configured training; returns the summary written to summary.json.
-    `hooks` come after the config's own (trackers); `accelerator` replaces the one the config makes."""
+    `hooks` come after the config's own (trackers); `accelerator` replaces the one the config makes;
+    `notes` are printed with the start-up lines (what loading the config found worth saying)."""
     keep_freed_memory()
     accelerator = accelerator or make_accelerator(cfg)
     try:
         check_launch(cfg, accelerator)
-        run = start(cfg, accelerator, console or Console(soft_wrap=True))
+        run = start(cfg, accelerator, console or Console(soft_wrap=True), notes)
+        if run is None:  # a finished run, resumed as it is: said so, nothing trained
+            accelerator.end_training()
+            return RunDir(cfg.run_dir).read_summary() or {"status": "complete"}
         return fit(run, [*default_hooks(cfg), *hooks])
     except ToolkitError as exc:
         if accelerator.num_processes > 1:
@@ -63,13 +70,21 @@ def report_from_main_process(exc: ToolkitError) -> None:
     exc.quiet = True
 
 
-def start(cfg: RunConfig, accelerator: Accelerator, console: Console) -> Training:
-    """The run directory decided, set-up built at the configured batch size, resume state loaded."""
+def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Sequence[str] = ()) -> Training | None:
+    """The run directory decided, set-up built at the configured batch size, resume state loaded;
+    None for a finished run resumed with nothing left to train (the reason printed)."""
     t0 = time.perf_counter()
-    reporter = Reporter(console, accelerator.is_main_process, cfg.train.log_every)
+    reporter = Reporter(console, accelerator.is_main_process, cfg.train.log_every, cfg.train.log_every_s)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    state = prepare_run_dir(cfg, accelerator, reporter.print)
+    data = cfg.data.resolved()
+    check_model(cfg.model.name, cfg.model.args, data.channels, data.image_size)  # before the run dir or the data
+    for note in notes:
+        reporter.print(note, highlight=False)
+    state, changes = prepare_run_dir(cfg, accelerator, reporter.print)
+    if state is not None and (done := finished(state, cfg)):
+        reporter.print(done, highlight=False)
+        return None
     reporter.print(device_report(accelerator, cfg), highlight=False)
     run = build_training(cfg, accelerator, cfg.data.batch_size, reporter)
     run.t0 = t0
@@ -77,13 +92,24 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console) -> Trainin
     if state is not None:
         accelerator.load_state(str(run.keeper.dir / "last"))
         reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
+        if any(c.key == "train.epochs" for c in changes):
+            rate = replan(run.scheduler, run.steps_per_epoch, cfg.train.epochs)
+            reporter.print(f"learning-rate schedule ({cfg.schedule.name}) re-planned over {cfg.train.epochs} "
+                           f"epochs: the next step uses lr {rate:.6g}", highlight=False)
         run.state = state
     bundle, pre = run.bundle, run.bundle.preprocess
     reporter.print(
         f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
-        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, {bundle.pipeline} pipeline | "
-        f"{cfg.model.name} | effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
+        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, mean {_rounded(pre['mean'])} std "
+        f"{_rounded(pre['std'])}, {bundle.pipeline} pipeline | {cfg.model.name}: {parameter_counts(run.net)} | "
+        f"effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
+    if (upsampled := bundle.upsampling_note()) is not None:
+        reporter.print(f"[yellow]warning: {upsampled}[/]")
     return run
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:

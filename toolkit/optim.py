@@ -58,3 +58,18 @@ def build_scheduler(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, steps
     if cfg.name == "onecycle":
         return OneCycleLR(optimizer, max_lr=base_lr, total_steps=total, pct_start=cfg.pct_start)
     return LambdaLR(optimizer, _Factor(cfg, steps_per_epoch, total, base_lr))
+
+
+def replan(scheduler, steps_per_epoch: int, epochs: int) -> float:
+    """After a resume changed train.epochs: the restored schedule goes on over the new total (its step
+    count kept), so a cosine decay stretches to the new end. Returns the rate the next step uses."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # under Accelerate's AcceleratedScheduler
+    if isinstance(inner, LambdaLR):
+        for factor in inner.lr_lambdas:
+            if isinstance(factor, _Factor):
+                factor.total = steps_per_epoch * epochs
+        rates = [base * factor(inner.last_epoch) for base, factor in zip(inner.base_lrs, inner.lr_lambdas)]
+        for group, rate in zip(inner.optimizer.param_groups, rates):
+            group["lr"] = rate
+        inner._last_lr = rates
+    return inner.get_last_lr()[0]

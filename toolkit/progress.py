@@ -20,10 +20,11 @@ def epoch_line(epoch: int, epochs: int, m: dict, best: bool) -> str:
 class Reporter:
     """Step progress for one process. `enabled=False` (other processes) makes every call a no-op."""
 
-    def __init__(self, console: Console, enabled: bool, log_every: int):
-        self.console, self.enabled, self.log_every = console, enabled, log_every
+    def __init__(self, console: Console, enabled: bool, log_every: int, log_every_s: float = 0):
+        self.console, self.enabled, self.log_every, self.log_every_s = console, enabled, log_every, log_every_s
         self.live = enabled and console.is_terminal
         self._progress: Progress | None = None
+        self._last_line = time.perf_counter()
 
     def print(self, *args, **kwargs) -> None:
         if self.enabled:
@@ -31,6 +32,7 @@ class Reporter:
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         self.epoch, self.epochs, self.steps, self.t0 = epoch, epochs, steps, time.perf_counter()
+        self._last_line = self.t0
         if self.live:
             self._progress = Progress(
                 TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
@@ -44,7 +46,8 @@ class Reporter:
         if not self.enabled:
             return False
         every = min(self.log_every, 10) if self.live else self.log_every
-        return step % every == 0 or step == self.steps
+        late = not self.live and self.log_every_s > 0 and time.perf_counter() - self._last_line >= self.log_every_s
+        return late or step % every == 0 or step == self.steps
 
     def step(self, step: int, images_seen: int, loss: float | None = None, acc: float | None = None) -> None:
         if not self.enabled:
@@ -55,6 +58,7 @@ class Reporter:
             self._progress.update(self._task, completed=step, **({"stats": stats} if stats else {}))
         elif stats:
             self.console.print(f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} {stats}", highlight=False)
+            self._last_line = time.perf_counter()
 
     def end_epoch(self) -> None:
         if self._progress is not None:

@@ -20,6 +20,7 @@ from toolkit.errors import ToolkitError
 CONFIG = "config.yaml"  # the resolved config the run was trained with
 METRICS = "metrics.jsonl"  # one JSON object per finished epoch
 SUMMARY = "summary.json"  # written when a run stops, whatever the reason
+RESUMES = "resumes.jsonl"  # one JSON object per resume that changed the config: what changed, when
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 EXPORT = "export"
@@ -43,6 +44,7 @@ class RunDir:
     config_file = property(lambda self: self.path / CONFIG)
     metrics_file = property(lambda self: self.path / METRICS)
     summary_file = property(lambda self: self.path / SUMMARY)
+    resumes_file = property(lambda self: self.path / RESUMES)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
     curves = property(lambda self: self.path / PLOTS / "curves.png")
     export = property(lambda self: self.path / EXPORT)
@@ -76,7 +78,8 @@ class RunDir:
             raise ToolkitError(f"{path}: not a valid run config: {exc}") from None
 
     def write_config(self, cfg: RunConfig) -> None:
-        self.config_file.write_text(dump_yaml(cfg))
+        """config.yaml: the config as the run uses it, null data values resolved (image size, channels, mean, std)."""
+        self.config_file.write_text(dump_yaml(cfg.resolved()))
 
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics_file, "a") as f:
@@ -88,9 +91,19 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         self.summary_file.write_text(json.dumps(summary, indent=2))
 
+    def read_summary(self) -> dict | None:
+        try:
+            return json.loads(self.summary_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def append_resume(self, record: dict) -> None:
+        with open(self.resumes_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def forget_progress(self) -> None:
         """Remove metrics, summary and checkpoints (a run restarted from the beginning)."""
-        for target in (self.metrics_file, self.summary_file, self.checkpoints):
+        for target in (self.metrics_file, self.summary_file, self.resumes_file, self.checkpoints):
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 

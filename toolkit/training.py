@@ -22,6 +22,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models import build_model, freeze_backbone, load_pretrained
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
 from toolkit.progress import Reporter
+from toolkit.resume import Change, check_resume, config_changes
 from toolkit.rundir import Meta, RunDir
 
 
@@ -143,8 +144,9 @@ def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_
     return "fp32", torch.compile(plain_forward) if cfg.train.compile else plain_forward
 
 
-def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState | None:
-    """Decide fresh start / resume / refuse (same decision on every process), then set the dir up."""
+def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> tuple[RunState | None, list[Change]]:
+    """Decide fresh start / resume / refuse (same decision on every process), then set the dir up.
+    Returns the resumed state (None for a fresh start) and what the resume changed in the config."""
     run_dir, layout, keeper = cfg.run_dir, RunDir(cfg.run_dir), Keeper(cfg.run_dir)
     occupied = layout.is_occupied()
     state = keeper.read_trainer_state() if cfg.train.resume else None
@@ -152,6 +154,9 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState |
         what = "a finished run" if layout.is_finished() else "a partial run"
         raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
                            f"train.run_name, or set train.overwrite: true to delete it.")
+    changes = config_changes(layout.load_config(), cfg) if state is not None and layout.config_file.is_file() else []
+    if state is not None:
+        check_resume(changes, state["epoch"], cfg)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if occupied and cfg.train.overwrite:
@@ -164,7 +169,16 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> RunState |
         layout.write_config(cfg)
         if state is not None:  # epochs after the last checkpoint were lost: drop their lines
             layout.rewrite_metrics(state["history"])
+        if changes:
+            layout.append_resume({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "after_epoch": state["epoch"],
+                                  "changed": {c.key: [c.old, c.new] for c in changes}})
+    for change in changes:
+        say(f"resume changes {change}", highlight=False)
     accelerator.wait_for_everyone()
     if cfg.train.resume and state is None and not occupied:
         say(f"[yellow]nothing to resume in {run_dir}: starting a new run[/]")
-    return RunState(**state) if state is not None else None
+    if state is None:
+        return None, []
+    resumed = RunState(**state)
+    resumed.stopped_early = cfg.train.patience is not None and resumed.bad_epochs >= cfg.train.patience
+    return resumed, changes
