@@ -20,11 +20,14 @@ from toolkit.rundir import RunDir
 # from, how fast it runs, and serving settings. Everything else shaped the weights, the optimizer or the
 # schedule in checkpoints/last, or the data stream the run is part-way through.
 RESUMABLE = (
-    "train.epochs", "train.patience", "train.stop_after", "train.log_every", "train.log_every_s",
+    "train.epochs", "train.patience", "train.log_every", "train.log_every_s",
     "train.log_with", "train.num_threads", "train.compile", "data.root", "data.download", "data.num_workers",
     "data.eval_batch_size", "serve.",
 )
-IGNORED = ("train.resume", "train.overwrite")  # how this invocation starts, not what the run is
+# How this invocation starts and how long it goes on (train.stop_after cuts a run into jobs: each job says
+# its own), and where the run directory is now (a run moved or copied elsewhere resumes there): taken from
+# the command line, never from the run's config, and no change to the run.
+INVOCATION = ("train.resume", "train.overwrite", "train.stop_after", "train.output_dir", "train.run_name")
 
 
 class Change(NamedTuple):
@@ -81,7 +84,7 @@ def _as_validated(base: dict, key: str, value: Any) -> Any:
 def config_changes(old: RunConfig, new: RunConfig) -> list[Change]:
     """Every key whose resolved value differs between two configs."""
     before, after = leaves(old.resolved().to_dict()), leaves(new.resolved().to_dict())
-    return [Change(k, before.get(k), v) for k, v in after.items() if k not in IGNORED and before.get(k) != v]
+    return [Change(k, before.get(k), v) for k, v in after.items() if k not in INVOCATION and before.get(k) != v]
 
 
 def refuse(changes: list[Change], run_dir: Path, origin: str = "--set") -> None:
@@ -119,13 +122,14 @@ def load_resume_config(path: str | Path | None, overrides: list[str],
     base = layout.load_config().resolved().to_dict()
     changes, kept = [], []
     for key, value in leaves(extra).items():
-        if key not in IGNORED and _as_validated(base, key, value) != _get(base, key):
+        if key not in INVOCATION and _as_validated(base, key, value) != _get(base, key):
             changes.append(Change(key, _get(base, key), _as_validated(base, key, value)))
     for key, value in leaves(raw).items():
-        if key not in IGNORED and key not in leaves(extra) and _as_validated(base, key, value) != _get(base, key):
+        if key not in INVOCATION and key not in leaves(extra) and _as_validated(base, key, value) != _get(base, key):
             kept.append(f"{key}: {_get(base, key)!r} (the run's; {label} says {value!r})")
     refuse(changes, run_dir)
-    tree = base
+    tree = _with(_with(base, "train.output_dir", str(run_dir.parent)), "train.run_name", run_dir.name)
+    tree = _with(tree, "train.stop_after", _get(merged, "train.stop_after"))
     for change in changes:
         tree = _with(tree, change.key, _get(extra, change.key))
     cfg = validate(_with(tree, "train.resume", True), "--set", {c.key for c in changes})
