@@ -146,6 +146,24 @@ class Background:
                 p.send_signal(signal.SIGCONT)
         return False
 
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the launched process (left frozen by wait_for: it arrives on waking), then let
+        every process of the run go on."""
+        self.proc.send_signal(signum)
+        for p in self._tree():
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not end within {timeout} s:\n{self.stdout()[-2000:]}") from None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
     def _tree(self) -> list[psutil.Process]:
         try:
             return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
