@@ -19,7 +19,7 @@ from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, report
 from toolkit.hooks import STOPS, Hook, Requests, default_hooks
 from toolkit.models import train_mode
-from toolkit.preempt import preempt_hooks
+from toolkit.preempt import peer_lost, preempt_hooks
 from toolkit.progress import Reporter, epoch_line
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
 from toolkit.data import num_steps
@@ -51,6 +51,13 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
             exc.quiet = True  # reported once, here
         accelerator.end_training()
         raise
+    except RuntimeError as exc:  # torch.distributed's errors are RuntimeErrors
+        lost = peer_lost(cfg, exc) if accelerator.num_processes > 1 else None
+        if lost is None:
+            raise
+        report(lost)  # by every survivor (the main process may be the one that died); no barrier now
+        lost.quiet = True
+        raise lost from None
 
 
 def report_from_main_process(exc: ToolkitError) -> None:
@@ -133,6 +140,9 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
     summary = write_summary(run, status=status)
     for hook in hooks:
         hook.on_end(run, summary)
+    # after a stop every process exits with a failure status (75), and a launcher (torchrun, srun) stops the
+    # others as soon as one exits: none leaves before the main process has written and said everything
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return summary
 

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 
-from toolkit.errors import report_stop
+from toolkit.errors import ToolkitError, report_stop
 from toolkit.hooks import Hook
 
 # "Saved, resume me": checkpoints/last holds the point the run stopped at; `--resume` continues there.
@@ -96,3 +96,33 @@ def stop_line(summary: dict, run_dir, received: str = "") -> str:
     took = f" in {summary['last_save_s']:.2f} s" if summary.get("last_save_s") is not None else ""
     return (f"{why}: checkpoints/last of {run_dir} saved at {where}{took}; continue with --resume "
             f"(exit status {EXIT_RESUME})")
+
+
+class PeerLost(ToolkitError):
+    """Another process of the run died or stopped answering (a dead node): reported by every survivor,
+    which exits at once, without the barrier a user error waits at."""
+
+
+# what torch's process groups say when a peer is gone: its socket closed (a killed process), or a wait past
+# train.collective_timeout_s (a hung or unreachable machine)
+_LOST = ("Connection closed", "Connection reset", "Broken pipe", "Timed out", "timed out", "timeout",
+         "Socket Timeout", "NCCL communicator was aborted", "failed to recv", "failed to send")
+
+
+def peer_lost(cfg, exc: BaseException) -> PeerLost | None:
+    """The error a lost peer caused in a collective, as one line saying what happened and how to resume."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(marker in text for marker in _LOST)):
+        return None
+    from toolkit.checkpoint import read_trainer_state
+
+    state = read_trainer_state(cfg.run_dir)
+    held = ("no checkpoint yet: --resume starts over" if state is None else
+            f"checkpoints/last holds epoch {state['epoch']}" +
+            (f" and batch {state['batches_done']} of epoch {state['epoch'] + 1}" if state.get("batches_done") else ""))
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return PeerLost(f"lost contact with another process of the run (a node died, or did not answer within "
+                    f"train.collective_timeout_s = {cfg.train.collective_timeout_s:g} s): {first[:200]}. {held}; "
+                    f"start the run again with --resume")
