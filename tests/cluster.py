@@ -232,6 +232,16 @@ class Slurm:
         if result.returncode:
             raise RuntimeError(f"{' '.join(cmd)}: exit {result.returncode}: {result.stderr.strip()}\n{self.logs()}")
 
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every node is IDLE: a job's processes are gone and the nodes cleaned up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.scontrol("show", "nodes", "-o").stdout
+            if states.count("State=IDLE ") + states.count("State=IDLE+") >= len(self.node_names) and "COMPLETING" not in states:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"nodes not idle after {timeout} s: {states}")
+
     def scontrol(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run([self.bin["scontrol"], *args], capture_output=True, text=True, env=self.env,
                                 timeout=30)

@@ -111,13 +111,16 @@ def test_slurm_two_node_job_preempted_requeues_and_resumes_to_the_reference_weig
     signalled = subprocess.run([slurm.bin["scancel"], "--signal=USR1", job], env=env, capture_output=True, text=True)
     assert signalled.returncode == 0, signalled.stderr
     pending = slurm.wait_job(job, states=("PENDING",), restarts=1, timeout=120)
-    # Slurm holds a requeued job back for a while (EligibleTime, about 2 minutes here): let it go now
+    # Slurm holds a requeued job back for a while (EligibleTime, about 2 minutes here): once the nodes are
+    # clean (the first run's processes gone), let it go
     eligible = pending["EligibleTime"]
+    slurm.wait_idle()
     slurm.scontrol("update", f"JobId={job}", "StartTime=now")
     done = slurm.wait_job(job, restarts=1, timeout=300)
     took = time.monotonic() - t0
     text = log.read_text()
-    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1" and done["ExitCode"] == "0:0", (done, text[-3000:])
+    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1" and done["ExitCode"] == "0:0", (
+        {k: done.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}, text[-3000:], slurm.logs())
     run_dir = tmp_path / "run"
     saved = re.search(rf"stopped: preempted \(SIGUSR1\): checkpoints/last of {run_dir} saved at epoch 2, batch (\d+) "
                       r"in ([\d.]+) s; continue with --resume \(exit status 75\)", text)

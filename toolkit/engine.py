@@ -123,6 +123,7 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
                                    f"(best {state.best_val_acc:.2%} at epoch {state.best_epoch})")
             if epoch < run.last_epoch and agree(run.accelerator, None, run.requests)[2]:
                 raise Stopped(run.requests.stop)  # asked during validation or the save: saved just now
+            run.requests.save_now = run.requests.save_soon = False  # the epoch's checkpoint answered them
     except NonFiniteLoss:
         if main:
             write_summary(run, status="non_finite_loss")
