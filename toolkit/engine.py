@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from toolkit.config import RunConfig
@@ -24,6 +24,7 @@ from toolkit.progress import Reporter, epoch_line
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
 from toolkit.data import num_steps
 from toolkit.training import Training, build_training, prepare_run_dir
+from toolkit.validation import evaluate, sync_buffers
 
 
 class NonFiniteLoss(ToolkitError):
@@ -259,31 +260,6 @@ def non_finite(where: str) -> NonFiniteLoss:
     return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
                          "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
                          "train.clip_grad_norm, or check the data.")
-
-
-def sync_buffers(accelerator: Accelerator, net: torch.nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm running statistics) before validating.
-    DDP broadcasts them at the start of each training forward, so after the epoch's last step each
-    process holds statistics updated by its own batch; validation must measure the model that is saved."""
-    buffers = list(net.buffers())
-    if accelerator.num_processes > 1 and buffers:
-        broadcast(buffers, from_process=0)
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, augment) -> tuple[float, float, int]:
-    """Loss, accuracy and sample count over exactly the validation set (no padded duplicates);
-    `forward` runs `model` (put in eval mode here) in the validation precision."""
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        logits = forward(augment(images, train=False))
-        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
-        loss_sum += losses.sum().item()
-        correct += (preds == labels).sum().item()
-        seen += len(labels)
-    return loss_sum / seen, correct / seen, seen
 
 
 def trainer_state(run: Training) -> dict:
