@@ -25,6 +25,7 @@ export OMP_NUM_THREADS="$threads"
 # `toolkit train`. -q keeps Accelerate's traceback of the launcher itself out.
 errors="$(mktemp)"
 trap 'rm -f "$errors"' EXIT
+trap '' USR1  # the launcher inherits "ignore SIGUSR1" (torchrun would die of it); the workers set their own
 TOOLKIT_ERROR_FILE="$errors" "${ACCELERATE:-accelerate}" launch -q --config_file "$here/multi_gpu.yaml" --multi_gpu \
   --num_processes "$num_processes" --num_machines 1 \
   --mixed_precision no --dynamo_backend no \
@@ -32,8 +33,10 @@ TOOLKIT_ERROR_FILE="$errors" "${ACCELERATE:-accelerate}" launch -q --config_file
   "$here/../toolkit/train.py" "$@" &
 launcher=$!
 # The launcher runs in the background so that this script can speak after it; signals sent to the
-# script reach it as they would have with exec (a terminal's Ctrl-C reaches both anyway).
-trap 'kill -s TERM "$launcher" 2>/dev/null' TERM HUP
+# script reach it as they would have with exec (a terminal's Ctrl-C reaches both anyway). torchrun passes
+# SIGTERM and SIGINT on to its workers, not SIGUSR1: a scheduler's SIGUSR1 goes on as SIGTERM, and both
+# mean "save checkpoints/last and stop" (train.preempt_signals).
+trap 'kill -s TERM "$launcher" 2>/dev/null' TERM HUP USR1
 trap 'kill -s INT "$launcher" 2>/dev/null' INT
 status=0
 wait "$launcher" || status=$?
@@ -41,8 +44,11 @@ while (( status > 128 )) && kill -0 "$launcher" 2>/dev/null; do  # a forwarded s
   status=0
   wait "$launcher" || status=$?
 done
+# The main process's last word: `error: ...` (exit 2, as toolkit train) or `stopped: ...` (preempted or
+# interrupted after saving checkpoints/last: exit 75, "resume me").
 if [[ -s "$errors" ]]; then
   cat "$errors" >&2
-  exit 2
+  grep -q '^error:' "$errors" && exit 2
+  exit 75
 fi
 exit "$status"

@@ -100,7 +100,9 @@ def fake_slurm(tmp_path: Path, nodes: int = 2) -> dict:
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (fake_bin / name).write_text(text)
         (fake_bin / name).chmod(0o755)
-    return {"PATH": f"{fake_bin}:{BIN}:{os.environ['PATH']}",
+    # SRUN and SCONTROL name the stand-ins to launch/slurm.sbatch, whatever Slurm this machine has installed
+    return {"PATH": f"{fake_bin}:{BIN}:{os.environ['PATH']}", "SRUN": str(fake_bin / "srun"),
+            "SCONTROL": str(fake_bin / "scontrol"),
             "SLURM_JOB_NODELIST": ",".join(f"127.0.0.{i + 1}" for i in range(nodes)), "SLURM_NNODES": str(nodes),
             "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1", "MAIN_PORT": str(free_port()),
             "ACCELERATE": str(BIN / "accelerate"), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -109,12 +111,12 @@ def fake_slurm(tmp_path: Path, nodes: int = 2) -> dict:
 class Background:
     """A launch running in the background, its output in files, for a test to kill at a moment it picks."""
 
-    def __init__(self, cmd: list[str], log_dir: Path):
+    def __init__(self, cmd: list[str], log_dir: Path, env: dict | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
-                                         env=_environment(None))
+                                         env={**_environment(None), **(env or {})})
 
     def stdout(self) -> str:
         return self.stdout_path.read_text()
@@ -145,6 +147,24 @@ class Background:
             with suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGCONT)
         return False
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to the launched process (left frozen by wait_for: it arrives on waking), then let
+        every process of the run go on."""
+        self.proc.send_signal(signum)
+        for p in self._tree():
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGCONT)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the run did not end within {timeout} s:\n{self.stdout()[-2000:]}") from None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
 
     def _tree(self) -> list[psutil.Process]:
         try:

@@ -1,5 +1,6 @@
 """What launch/cpu.sh and launch/slurm.sbatch hand to the launcher, with a recording stand-in for
-`accelerate` (and `nproc`, `srun`, `scontrol`): the thread split per process and the SLURM port from the
+`accelerate` (and `nproc`; `srun` and `scontrol` are stand-ins named by SRUN and SCONTROL, so a real Slurm
+installed on the machine is never the one run): the thread split per process and the SLURM port from the
 job id, on any machine, in milliseconds. The real launches are in test_launch_errors.py and
 test_distributed_launch.py."""
 
@@ -75,7 +76,10 @@ def test_cpu_sh_splits_the_cores_between_processes(tmp_path, cores, processes, p
 def test_slurm_port_comes_from_the_job_id(tmp_path, job_id, port):
     """Two jobs sharing a node get different ports: 20000 + job id mod 20000, unless MAIN_PORT is set."""
     slurm, recorder = fake_slurm(tmp_path, nodes=2), stand_ins(tmp_path, 8)
-    env = {**slurm, **recorder, "PATH": f"{recorder['PATH']}:{slurm['PATH']}", "SLURM_JOB_ID": job_id,
+    # launch/node.sh's check that node 0 answers passes at once (`timeout` stand-in): nothing listens here
+    (tmp_path / "stand-ins" / "timeout").write_text("#!/usr/bin/env bash\nexit 0\n")
+    (tmp_path / "stand-ins" / "timeout").chmod(0o755)
+    env = {**slurm, **recorder, "PATH": f"{tmp_path / 'stand-ins'}:{slurm['PATH']}", "SLURM_JOB_ID": job_id,
            "SLURM_CPUS_PER_TASK": "32", "GPUS_PER_NODE": "8"}
     env.pop("MAIN_PORT")
     env.pop("OMP_NUM_THREADS")
@@ -86,6 +90,7 @@ def test_slurm_port_comes_from_the_job_id(tmp_path, job_id, port):
         assert flag(args, "--main_process_port") == port and flag(args, "--main_process_ip") == "127.0.0.1"
         assert flag(args, "--machine_rank") == str(rank) and flag(args, "--num_machines") == "2"
         assert flag(args, "--num_processes") == "16" and call["omp"] == "4"  # 32 cores / 8 GPUs
-        assert args[-4:] == ["toolkit/train.py", "--resume", "--config", "smoke.yaml"]
+        assert args[-4:] == [str(ROOT / "launch" / ".." / "toolkit" / "train.py"), "--resume", "--config", "smoke.yaml"]
+        assert flag(args, "--rdzv_conf") == "timeout=60"  # start-up problems reported in a minute, not ten
     env["MAIN_PORT"] = "29999"
     assert {flag(c["args"], "--main_process_port") for c in launched(tmp_path, "launch/slurm.sbatch", env)} == {"29999"}

@@ -85,6 +85,20 @@ def test_two_process_bf16_batchnorm_run_is_reproduced_by_evaluate(tmp_path):
     assert summary["eval_precision"] == "fp32" and summary["val_samples"] == 359
     report = evaluate_run(run_dir)
     assert report["samples"] == 359 and report["accuracy"] == summary["best_val_acc"] > 0.3
+    # The loss too, which the accuracy alone does not show: validation calls the network's own forward
+    # (fp32), bypassing DDP's, which in an fp32 run would broadcast process 0's buffers by itself; without
+    # engine.sync_buffers process 1 validates with its own statistics (5.7e-4 relative in val_loss).
+    from toolkit.checkpoint import load_best
+    from toolkit.config_io import load_config
+    from toolkit.data import build_data
+    from toolkit.preprocess import normalize
+
+    model, meta = load_best(run_dir)
+    images, labels = build_data(load_config(run_dir / "config.yaml").data).val[:]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(normalize(images, meta.mean, meta.std)), labels).item()
+    (metrics,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert loss == pytest.approx(metrics["val_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("cpu_bf16, cuda, cuda_bf16, device, expected", [

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             report(exc)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: checkpoints/last holds the last finished epoch; continue with --resume", file=sys.stderr)
+        print("interrupted at once: checkpoints/last holds the last save; continue with --resume", file=sys.stderr)
         return 130
 
 
@@ -111,7 +111,11 @@ def cmd_train(args) -> int:
         raise
     from toolkit.engine import train
 
+    from toolkit.preempt import EXIT_RESUME, RESUMABLE
+
     summary = train(cfg, notes=notes)
+    if summary.get("status") in RESUMABLE:  # saved mid-epoch; preempt.py said where and how to resume
+        return EXIT_RESUME
     if summary.get("status") != "complete" and summary.get("epochs_completed", 0) < cfg.train.epochs:
         print(f"stopped after epoch {summary['epochs_completed']} of {cfg.train.epochs}; continue with --resume")
     return 0

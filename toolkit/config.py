@@ -154,6 +154,9 @@ class TrainConfig(Section):
     resume: bool = Field(False, description="Continue the run in the run directory from checkpoints/last.")
     overwrite: bool = Field(False, description="Delete an existing run directory of the same name before starting.")
     stop_after: Optional[int] = Field(None, gt=0, description="Stop this invocation after this many epochs (for time-limited jobs); resume continues.")
+    checkpoint_every: Optional[str] = Field(None, pattern=r"^[1-9][0-9]* ?(steps|min)$", description="Also write checkpoints/last inside an epoch, every this many optimizer steps (`500 steps`) or minutes (`30 min`), so a kill loses at most one interval; --resume continues at the next batch. null = at the end of each epoch only.")
+    preempt_signals: list[Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP"]] = Field(["SIGUSR1", "SIGTERM"], description="Signals that stop the run at the next point every process agrees on (at most 10 steps), after writing checkpoints/last mid-epoch: exit status 75, summary.json status `preempted`; resume with --resume. SIGUSR1 is Slurm's warning (`#SBATCH --signal=USR1@120` in launch/slurm.sbatch), SIGTERM its time limit and scancel. Ctrl-C (SIGINT) does the same (status `interrupted`); a second Ctrl-C stops at once.")
+    collective_timeout_s: float = Field(300, gt=0, description="Seconds a process waits in a collective (gradients, barriers, checkpoint saves) for the others before it gives up: a dead node stops the run within this time with one message, instead of the process group's 30-minute default.")
     log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal (a cluster log); each epoch's last step is always shown.")
     log_every_s: float = Field(30, ge=0, description="Also a progress line when this many seconds passed since the last one (stdout not a terminal), so a slow epoch shows life; 0 = steps only.")
     log_with: Literal["none", "tensorboard"] = Field("none", description="Experiment tracker (through Accelerate) writing under the run directory.")
@@ -161,6 +164,13 @@ class TrainConfig(Section):
     channels_last: bool = Field(True, description="channels_last memory format for model and batches (faster convolutions on CPUs and tensor-core GPUs; checkpoints and export are unaffected).")
     compile: bool = Field(False, description="torch.compile the model (checkpoints and export stay plain).")
     num_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads per process; null = torch's default.")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _bare_steps(cls, value: Any) -> Any:
+        # a bare number (`checkpoint_every: 500`, `--set train.checkpoint_every=500`) counts steps
+        bare = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+        return f"{value} steps" if bare else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -275,7 +275,7 @@ def _rows_for(model: type[BaseModel], prefix: str, rows: list[str]) -> None:
             _rows_for(annotation, f"{prefix}.{name}", rows)
             continue
         default = field.default if field.default_factory is None else field.default_factory()
-        shown = yaml.safe_dump(default).strip().removesuffix("...").strip()
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()  # one line
         rows.append(f"| `{prefix}.{name}` | `{shown}` | {_allowed(field)} | {field.description} |")
 
 

@@ -12,19 +12,22 @@ from typing import Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import set_seed
 from rich.console import Console
 
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, report
-from toolkit.hooks import Hook, default_hooks
+from toolkit.hooks import STOPS, Hook, Requests, default_hooks
 from toolkit.models import check_model, parameter_counts, train_mode
 from toolkit.optim import replan
+from toolkit.preempt import peer_lost, preempt_hooks
 from toolkit.progress import Reporter, epoch_line
 from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
+from toolkit.data import num_steps
 from toolkit.training import Training, build_training, prepare_run_dir
+from toolkit.validation import evaluate, sync_buffers
 
 
 class NonFiniteLoss(ToolkitError):
@@ -44,7 +47,7 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
         if run is None:  # a finished run, resumed as it is: said so, nothing trained
             accelerator.end_training()
             return RunDir(cfg.run_dir).read_summary() or {"status": "complete"}
-        return fit(run, [*default_hooks(cfg), *hooks])
+        return fit(run, [*default_hooks(cfg), *preempt_hooks(cfg), *hooks])
     except ToolkitError as exc:
         if accelerator.num_processes > 1:
             # Every process raises it (same checks, same data; NonFiniteLoss is agreed by a reduce). The
@@ -56,6 +59,13 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
             exc.quiet = True  # reported once, here
         accelerator.end_training()
         raise
+    except RuntimeError as exc:  # torch.distributed's errors are RuntimeErrors
+        lost = peer_lost(cfg, exc) if accelerator.num_processes > 1 else None
+        if lost is None:
+            raise
+        report(lost)  # by every survivor (the main process may be the one that died); no barrier now
+        lost.quiet = True
+        raise lost from None
 
 
 def report_from_main_process(exc: ToolkitError) -> None:
@@ -91,7 +101,8 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Seq
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:
         accelerator.load_state(str(run.keeper.dir / "last"))
-        reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}")
+        where = f", batch {state.batches_done} of {len(run.train_loader)} of epoch {state.epoch + 1}" if state.batches_done else ""
+        reporter.print(f"resumed {cfg.run_dir} after epoch {state.epoch}{where}")
         if any(c.key == "train.epochs" for c in changes):
             rate = replan(run.scheduler, run.steps_per_epoch, cfg.train.epochs)
             reporter.print(f"learning-rate schedule ({cfg.schedule.name}) re-planned over {cfg.train.epochs} "
@@ -117,6 +128,7 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
     cfg, state, main = run.cfg, run.state, run.accelerator.is_main_process
     for hook in hooks:
         hook.on_start(run)
+    status = None
     try:
         for epoch in range(state.epoch + 1, run.last_epoch + 1):
             if state.stopped_early:
@@ -136,15 +148,39 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
             if state.stopped_early:
                 run.reporter.print(f"early stopping: no better val accuracy for {cfg.train.patience} epochs "
                                    f"(best {state.best_val_acc:.2%} at epoch {state.best_epoch})")
+            if epoch < run.last_epoch and agree(run.accelerator, None, run.requests)[2]:
+                raise Stopped(run.requests.stop)  # asked during validation or the save: saved just now
+            run.requests.save_now = run.requests.save_soon = False  # the epoch's checkpoint answered them
     except NonFiniteLoss:
         if main:
             write_summary(run, status="non_finite_loss")
         raise
-    summary = write_summary(run, status="complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
+    except Stopped as stop:
+        status = stop.why
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, nothing saved since checkpoints/last
+        if main:
+            write_summary(run, status="aborted")
+        raise
+    finally:
+        for hook in hooks:
+            hook.close(run)
+    status = status or ("complete" if state.epoch >= cfg.train.epochs or state.stopped_early else "stopped")
+    summary = write_summary(run, status=status)
     for hook in hooks:
         hook.on_end(run, summary)
+    # after a stop every process exits with a failure status (75), and a launcher (torchrun, srun) stops the
+    # others as soon as one exits: none leaves before the main process has written and said everything
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return summary
+
+
+class Stopped(Exception):
+    """Every process agreed to stop (a hook's request: a signal, Ctrl-C); checkpoints/last is saved."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
 
 
 def run_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> dict:
@@ -168,16 +204,20 @@ def reduce_due(step: int, steps: int, log_every: int) -> bool:
 
 
 def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[float, float, float, float]:
-    """One pass over this process's shard; returns global (all processes) loss, accuracy, images, seconds."""
-    accelerator, loader, forward, reporter = run.accelerator, run.train_loader, run.forward, run.reporter
+    """One pass over this process's shard (from the batch a mid-epoch checkpoint reached); returns global
+    (all processes) loss, accuracy, images of this invocation and its seconds."""
+    accelerator, forward, reporter, requests = run.accelerator, run.forward, run.reporter, run.requests
     train_mode(forward)
-    # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only
-    totals = torch.zeros(4, device=accelerator.device)
-    reduced = [0.0] * 4  # the totals at the previous reduce
-    global_step = (epoch - 1) * run.steps_per_epoch  # optimizer steps
-    reporter.start_epoch(epoch, run.cfg.train.epochs, len(loader))
+    start, steps = run.state.batches_done, len(run.train_loader)
+    loader = accelerator.skip_first_batches(run.train_loader, start) if start else run.train_loader
+    # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only. A resumed
+    # epoch carries on from the checkpoint's global totals (on the main process only: they are summed).
+    reduced = list(run.state.partial) if start else [0.0] * 4  # the totals at the previous reduce
+    totals = torch.tensor(reduced if accelerator.is_main_process else [0.0] * 4, device=accelerator.device)
+    global_step = (epoch - 1) * run.steps_per_epoch + num_steps(start, run.cfg.train.grad_accum_steps)
+    reporter.start_epoch(epoch, run.cfg.train.epochs, steps)
     t0 = time.perf_counter()
-    for step, (images, labels) in enumerate(loader, start=1):
+    for step, (images, labels) in enumerate(loader, start=start + 1):
         with accelerator.accumulate(forward):
             logits = forward(run.augment(images, train=True))
             loss = run.criterion(logits.float(), labels)
@@ -198,52 +238,54 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
             for hook in hooks:
                 hook.after_optimizer_step(run, global_step)
         shown = (0,)
-        if reduce_due(step, len(loader), reporter.log_every):  # reduce is collective: same steps everywhere
-            now = accelerator.reduce(totals, reduction="sum").tolist()
+        if reduce_due(step, steps, reporter.log_every) or requests.save_now:  # collective: same steps everywhere
+            now, save, stop = agree(accelerator, totals, requests)
             loss_sum, correct, seen, bad = now
             if bad:  # every process sees the same sum, so all stop together; no checkpoint is written
                 raise non_finite(f"at epoch {epoch}, by step {step}")
             for hook in hooks:  # the mean loss since the previous reduce
                 hook.at_reduce(run, global_step, (loss_sum - reduced[0]) / (seen - reduced[2]), lr)
             reduced = now
+            if (save or stop) and accelerator.sync_gradients and step < steps:  # else: at the epoch's end
+                save_mid_epoch(run, epoch, step, now, global_step)
+                if stop:
+                    raise Stopped(stop)
             if reporter.wants_stats(step):  # progress of all processes, not process 0's
                 shown = (int(seen), loss_sum / seen, correct / seen)
         reporter.step(step, *shown)
     reporter.end_epoch()
     elapsed = time.perf_counter() - t0
     loss_sum, correct, seen, _ = accelerator.reduce(totals, reduction="sum").tolist()
-    return loss_sum / seen, correct / seen, seen, elapsed
+    return loss_sum / seen, correct / seen, seen - (run.state.partial or [0.0] * 4)[2], elapsed
+
+
+def agree(accelerator: Accelerator, totals: torch.Tensor | None, requests: Requests) -> tuple[list, bool, str]:
+    """A collective point: `totals` summed over processes, and what every process now does: save if any
+    process was asked to, stop for the strongest reason any was given (kept in `requests` on every process)."""
+    flags = [float(requests.save_now or requests.save_soon), float(STOPS.index(requests.stop))]
+    local = torch.tensor([0.0] * 4 + flags, device=accelerator.device)
+    if totals is not None:
+        local[:4] = totals
+    everyone = accelerator.gather(local).view(-1, 6)
+    requests.save_soon, requests.stop = bool(everyone[:, 4].max()), STOPS[int(everyone[:, 5].max())]
+    return everyone[:, :4].sum(0).tolist(), requests.save_soon or requests.save_now, requests.stop
+
+
+def save_mid_epoch(run: Training, epoch: int, step: int, totals: list, global_step: int) -> None:
+    """checkpoints/last inside `epoch`, after its batch `step`: --resume continues at the next batch."""
+    run.state.batches_done, run.state.partial = step, totals
+    t0 = time.perf_counter()
+    run.keeper.save_last(run.accelerator, trainer_state(run), global_step)
+    run.save_s = time.perf_counter() - t0
+    run.requests.save_now = run.requests.save_soon = False
+    run.reporter.print(f"checkpoints/last: epoch {epoch}, batch {step} of {len(run.train_loader)} "
+                       f"(step {global_step}) saved in {run.save_s:.2f} s", highlight=False)
 
 
 def non_finite(where: str) -> NonFiniteLoss:
     return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
                          "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
                          "train.clip_grad_norm, or check the data.")
-
-
-def sync_buffers(accelerator: Accelerator, net: torch.nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm running statistics) before validating.
-    DDP broadcasts them at the start of each training forward, so after the epoch's last step each
-    process holds statistics updated by its own batch; validation must measure the model that is saved."""
-    buffers = list(net.buffers())
-    if accelerator.num_processes > 1 and buffers:
-        broadcast(buffers, from_process=0)
-
-
-@torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, augment) -> tuple[float, float, int]:
-    """Loss, accuracy and sample count over exactly the validation set (no padded duplicates);
-    `forward` runs `model` (put in eval mode here) in the validation precision."""
-    model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        logits = forward(augment(images, train=False))
-        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
-        loss_sum += losses.sum().item()
-        correct += (preds == labels).sum().item()
-        seen += len(labels)
-    return loss_sum / seen, correct / seen, seen
 
 
 def trainer_state(run: Training) -> dict:
@@ -265,6 +307,7 @@ def write_summary(run: Training, status: str) -> dict:
         "channels_last": cfg.train.channels_last, "effective_batch_size": run.effective_batch_size,
         "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
         "wall_s": state.wall_s + time.perf_counter() - run.t0, "device": accelerator.device.type,
+        "batches_done": state.batches_done, "last_save_s": run.save_s,  # where a mid-epoch stop saved, how fast
     }
     if accelerator.is_main_process:
         run.layout.write_summary(summary)

@@ -68,6 +68,15 @@ def report(exc: ToolkitError) -> None:
         _write(elastic, json.dumps({"message": message, "timestamp": int(time.time())}), "w")
 
 
+def report_stop(line: str) -> None:
+    """Say why a run stopped early but resumable (preempt.py), as `stopped: ...`: like report(), to the
+    file the launch scripts read (whose first word tells them the exit status), or to stderr."""
+    path = os.environ.get(ERROR_FILE_VAR)
+    if not (path and _write(path, f"stopped: {line}\n", "a")):
+        sys.stderr.write(f"stopped: {line}\n")
+        sys.stderr.flush()
+
+
 def _write(path: str, text: str, mode: str) -> bool:
     try:
         with open(path, mode) as f:

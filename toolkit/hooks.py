@@ -1,14 +1,37 @@
 """Optional features of the epoch loop, as objects with small hooks (timm's `model_ema=None`,
 `mixup_fn=None`, made into one protocol): the loop calls each hook at fixed points and reads no
 feature's flags itself. `Tracker` (Accelerate's experiment trackers) is the first; EMA, top-k
-checkpoints and preemption plug in the same way."""
+checkpoints and preemption (toolkit/preempt.py) plug in the same way. `Requests` is how a hook steers:
+it asks the loop to save checkpoints/last now, or to save and stop, at a point every process agrees on."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from toolkit.training import Training
+
+
+# Why a run stopped before its last epoch, as summary.json's status says it; the order is the precedence
+# when processes were asked different things (an interrupt outranks a preemption).
+STOPS = ("", "requested", "preempted", "interrupted")
+Stop = Literal["", "requested", "preempted", "interrupted"]
+
+
+@dataclass
+class Requests:
+    """The stop seam: what hooks ask of the loop (`run.requests`). `save_now` must be set alike on every
+    process at the same step (a step count decides it); `save_soon` and `stop` may come from one process
+    alone (a clock, a signal) and take effect on every process at the next agreed point: the loop's next
+    reduce (at most 10 steps on), or the end of the epoch. A stop saves checkpoints/last first."""
+    save_now: bool = False
+    save_soon: bool = False
+    stop: Stop = ""
+
+    def ask_stop(self, why: Stop = "requested") -> None:
+        if STOPS.index(why) > STOPS.index(self.stop):
+            self.stop = why
 
 
 class Hook:
@@ -31,7 +54,10 @@ class Hook:
         """The epoch is validated, recorded and checkpointed; `metrics` is its metrics.jsonl line."""
 
     def on_end(self, run: Training, summary: dict) -> None:
-        """The invocation stops normally (not on an error); summary.json is written."""
+        """The invocation stops normally or on a stop request (not on an error); summary.json is written."""
+
+    def close(self, run: Training) -> None:
+        """The loop is left, however (an error too): give back what on_start took (signal handlers)."""
 
 
 class Tracker(Hook):

@@ -65,7 +65,14 @@ class RunDir:
         return False
 
     def is_finished(self) -> bool:
-        return self.summary_file.is_file()
+        """Ended by itself: summary.json is there, and not that of a stop to resume (preempted, Ctrl-C)."""
+        if not self.summary_file.is_file():
+            return False
+        try:
+            status = json.loads(self.summary_file.read_text()).get("status")
+        except (json.JSONDecodeError, AttributeError):
+            return True
+        return status not in ("preempted", "interrupted", "requested", "aborted")
 
     def load_config(self) -> RunConfig:
         """RUN/config.yaml (the resolved config the run was trained with) -> RunConfig."""

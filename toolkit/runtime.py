@@ -6,10 +6,11 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, launched_world_size
@@ -74,7 +75,9 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
         cpu=t.device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.grad_accum_steps,
         log_with="tensorboard" if t.log_with == "tensorboard" else None,
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(RunDir(cfg.run_dir).tensorboard)),
-        step_scheduler_with_optimizer=False)  # we step it once per optimizer step ourselves
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        # a dead peer stops a collective after this, not after the process group's 30-minute default
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))])
 
 
 

@@ -19,6 +19,7 @@ from toolkit.config import RunConfig
 from toolkit.augment import BatchAugment
 from toolkit.data import DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
+from toolkit.hooks import Requests
 from toolkit.models import build_model, freeze_backbone, load_pretrained
 from toolkit.optim import build_optimizer, build_scheduler, scaled_lr
 from toolkit.progress import Reporter
@@ -30,6 +31,10 @@ from toolkit.rundir import Meta, RunDir
 class RunState:
     """What trainer_state.json carries between invocations."""
     epoch: int = 0  # epochs completed
+    # A checkpoint inside epoch `epoch + 1`: its batches already trained (per process), and the global
+    # (all processes) on-device totals of those batches, so its metrics line stays that of a whole epoch.
+    batches_done: int = 0
+    partial: list = field(default_factory=list)
     best_val_acc: float = -1.0
     best_epoch: int = 0
     bad_epochs: int = 0  # epochs since the best, for early stopping
@@ -45,7 +50,7 @@ class RunState:
         else:
             self.bad_epochs += 1
         self.stopped_early = patience is not None and self.bad_epochs >= patience
-        self.epoch = metrics["epoch"]
+        self.epoch, self.batches_done, self.partial = metrics["epoch"], 0, []
         self.history.append(metrics)
         return improved
 
@@ -79,6 +84,8 @@ class Training:
     steps_per_epoch: int  # optimizer steps
     meta: Meta  # checkpoints/best's meta.json but for epoch and val_acc
     state: RunState = field(default_factory=RunState)
+    requests: Requests = field(default_factory=Requests)  # the stop seam: hooks ask, the loop acts
+    save_s: float | None = None  # seconds the latest mid-epoch save of checkpoints/last took
     t0: float = field(default_factory=time.perf_counter)
 
     @property

@@ -1,0 +1,70 @@
+"""Mid-epoch checkpoints (train.checkpoint_every) and the stop seam (hooks.Requests), in one process: a
+run stopped inside an epoch resumes at the next batch and ends with the weights of a run never stopped,
+for the in-memory and the DataLoader pipelines. Signals, Ctrl-C and two processes: test_preempt_signals.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_jsonl, train_run
+from test_data import make_folder
+from toolkit.hooks import Hook
+
+# smoke.yaml at 128 images: 96 for training in batches of 8 = 12 steps an epoch; reduces at steps 5, 10, 12
+COMMON = ["train.epochs=2", "data.synthetic_samples=128", "data.batch_size=8", "data.augment.crop_padding=2",
+          "data.augment.hflip=true", "model.name=bn_cnn"]
+
+
+class StopAt(Hook):
+    """Asks the loop to stop at one optimizer step: the seam a feature (EMA, a budget) would use."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_optimizer_step(self, run, global_step: int) -> None:
+        if global_step == self.step:
+            run.requests.ask_stop("requested")
+
+
+def _weights(run_dir):
+    return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(params=["memory", "loader"])
+def data(request, tmp_path):
+    if request.param == "memory":
+        return []
+    root = make_folder(tmp_path / "photos", per_class=40)  # 120 files: 90 train = 12 steps of 8 (last of 2)
+    return ["data.name=imagefolder", f"data.root={root}", "data.pipeline=loader", "data.num_workers=1",
+            "data.batch_size=8", "data.image_size=16", "data.channels=3", "model.args={}"]
+
+
+def test_a_stop_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_weights(tmp_path, data):
+    common = [*COMMON, *data]
+    straight, _ = train_run(tmp_path, *common, name="straight")
+    # asked at step 15 (epoch 2, batch 3): the loop agrees at its next collective point, the checkpoint
+    # step 16 (checkpoint_every 4), saves there and stops
+    parts, summary = train_run(tmp_path, *common, "train.checkpoint_every=4", name="parts", hooks=[StopAt(15)])
+    assert summary["status"] == "requested" and summary["epochs_completed"] == 1 and summary["batches_done"] == 4
+    assert 0 < summary["last_save_s"] < 10
+    state = json.loads((parts / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_done"]) == (1, 4) and state["partial"][2] == 4 * 8
+    assert (parts / "checkpoints" / "last").resolve().name == "last-e0001-s0000016"
+    assert (parts / "plots" / "curves.png").is_file()  # epoch 1's curves, with the summary saying why it stopped
+
+    resumed, summary = train_run(tmp_path, *common, "train.resume=true", name="parts")
+    assert summary["status"] == "complete" and summary["epochs_completed"] == 2
+    _equal(_weights(resumed), _weights(straight))
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_samples", "lr")
+    assert ([{k: m[k] for k in keys} for m in read_jsonl(resumed / "metrics.jsonl")]
+            == [{k: m[k] for k in keys} for m in read_jsonl(straight / "metrics.jsonl")])
