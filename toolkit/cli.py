@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
             cfg = load_config(args.config, args.overrides)
     except ToolkitError as exc:
         if (launched_world_size() or 1) > 1:  # every process of a launch reads the same bad config: one reports
-            from toolkit.engine import report_from_main_process
+            from toolkit.runtime import report_from_main_process
 
             report_from_main_process(exc)
         raise

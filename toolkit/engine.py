@@ -18,10 +18,10 @@ from rich.console import Console
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, report
 from toolkit.hooks import STOPS, Hook, Requests, default_hooks
-from toolkit.models import check_model, parameter_counts, train_mode
+from toolkit.models import check_model, train_mode
 from toolkit.optim import replan
 from toolkit.preempt import peer_lost, preempt_hooks
-from toolkit.progress import Reporter, epoch_line
+from toolkit.progress import Reporter, data_line, epoch_line
 from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
@@ -68,18 +68,6 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
         raise lost from None
 
 
-def report_from_main_process(exc: ToolkitError) -> None:
-    """A config error in a launch of several processes: every process has it (same file), so the main one
-    reports it and the others wait for that before they all exit, as train() does for later errors."""
-    from accelerate import PartialState
-
-    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))  # as Accelerator reads it
-    if state.is_main_process:
-        report(exc)
-    state.wait_for_everyone()
-    exc.quiet = True
-
-
 def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Sequence[str] = ()) -> Training | None:
     """The run directory decided, set-up built at the configured batch size, resume state loaded;
     None for a finished run resumed with nothing left to train (the reason printed)."""
@@ -108,19 +96,10 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Seq
             reporter.print(f"learning-rate schedule ({cfg.schedule.name}) re-planned over {cfg.train.epochs} "
                            f"epochs: the next step uses lr {rate:.6g}", highlight=False)
         run.state = state
-    bundle, pre = run.bundle, run.bundle.preprocess
-    reporter.print(
-        f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
-        f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, mean {_rounded(pre['mean'])} std "
-        f"{_rounded(pre['std'])}, {bundle.pipeline} pipeline | {cfg.model.name}: {parameter_counts(run.net)} | "
-        f"effective batch {run.effective_batch_size} | lr {run.lr:g}", highlight=False)
-    if (upsampled := bundle.upsampling_note()) is not None:
+    reporter.print(data_line(run), highlight=False)
+    if (upsampled := run.bundle.upsampling_note()) is not None:
         reporter.print(f"[yellow]warning: {upsampled}[/]")
     return run
-
-
-def _rounded(values: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:

@@ -4,9 +4,28 @@ cluster log, and one summary line per epoch. Only the main process ever gets a l
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from toolkit.training import Training
+
+
+def data_line(run: Training) -> str:
+    """The start-up line of the data as resolved, the model and its trainable share, the batch and lr."""
+    from toolkit.models import parameter_counts
+
+    bundle, pre, cfg = run.bundle, run.bundle.preprocess, run.cfg
+    return (f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
+            f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, mean {_rounded(pre['mean'])} std "
+            f"{_rounded(pre['std'])}, {bundle.pipeline} pipeline | {cfg.model.name}: {parameter_counts(run.net)} | "
+            f"effective batch {run.effective_batch_size} | lr {run.lr:g}")
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
 def epoch_line(epoch: int, epochs: int, m: dict, best: bool) -> str:

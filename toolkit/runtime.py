@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from toolkit.config import RunConfig
-from toolkit.errors import ToolkitError, launched_world_size
+from toolkit.errors import ToolkitError, launched_world_size, report
 from toolkit.rundir import RunDir
 
 
@@ -132,3 +132,15 @@ def processes_in_words(accelerator: Accelerator) -> str:
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or n)  # torchrun's processes on this machine (display only)
     where = f" on {n // per_machine} machines" if 0 < per_machine < n else ""
     return f"{n} processes{where} (DDP over {backend})"
+
+
+def report_from_main_process(exc: ToolkitError) -> None:
+    """A config error in a launch of several processes: every process has it (same file), so the main one
+    reports it and the others wait for that before they all exit, as train() does for later errors."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))  # as Accelerator reads it
+    if state.is_main_process:
+        report(exc)
+    state.wait_for_everyone()
+    exc.quiet = True
