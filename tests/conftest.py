@@ -75,3 +75,19 @@ def accelerate_launch(tmp_path: Path, *overrides: str, config: str = "smoke.yaml
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return tmp_path / name, result
+
+
+@pytest.fixture(scope="session")
+def format_runs(tmp_path_factory) -> dict[str, Path]:
+    """{export format: run directory exported in it}: one recipe model (cifar_cnn, 3 x 16 x 16, four
+    classes, the same weights in each) exported once per session in every format of toolkit.export,
+    since an AOTInductor compile takes 15-60 s on 2 cores. Tests that change a run copy it first."""
+    from test_export import make_run
+    from toolkit.export import FORMATS, export_model
+
+    base = tmp_path_factory.mktemp("formats")
+    runs = {}
+    for name in FORMATS:
+        runs[name] = make_run(base / name, "cifar_cnn", 3, 16, seed=3)
+        export_model(runs[name], format=name)
+    return runs
