@@ -598,7 +598,7 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
         d.mkdir()
     subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "clf", "--version", "1.0",
                     "--serialized-file", str(model_dir / "model.pt"), "--handler", str(HANDLER_PATH),
-                    "--extra-files", f"{model_dir / 'index_to_name.json'},{model_dir / 'preprocess.json'}",
+                    "--extra-files", f"{model_dir / 'index_to_name.json'},{model_dir / 'preprocess.json'},{model_dir / 'preprocess.py'}",
                     "--config-file", str(model_dir / "model-config.yaml"), "--export-path", str(store)],
                    check=True)
     inf, mgmt, met, grpc_i, grpc_m = free_ports(5)
