@@ -6,7 +6,9 @@ AOTInductor: the manifest's serializedFile, loaded by its suffix), `index_to_nam
 TorchServe's Python worker, where only torch, torchvision, PIL, numpy and `ts` can be relied on
 (and onnxruntime for an ONNX archive, imported only then), so it must not import `toolkit`: it
 imports the archive's own copy of `toolkit/preprocess.py` from the model directory, the one
-definition of the preprocessing that training, evaluation and `toolkit predict` use.
+definition of the preprocessing that training, evaluation and `toolkit predict` use, and the two
+serve/ modules shipped beside it: loaders.py (the model file by its suffix) and request_body.py
+(a request's body -> the image's bytes).
 
 Per request: raw image bytes (`curl -T img`, `row["body"]`), a multipart field `data`
 (`curl -F data=@img`), or JSON `{"data": "<base64>"}`. A good request gets
@@ -28,8 +30,6 @@ because TorchServe would turn any exception into one error status for the whole 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import importlib.util
 import io
@@ -38,7 +38,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 
@@ -49,86 +48,36 @@ from ts.utils.util import PredictionException  # defined in ts, so this module k
 logger = logging.getLogger(__name__)
 
 HEADER_LOCK = threading.Lock()
-# A body starting with one of these is JSON, not an image: no image format's magic begins so.
-JSON_START = tuple(b'{["-0123456789tfn"')
 PREPROCESS_MODULE = "preprocess.py"  # toolkit/preprocess.py, shipped in the archive
 
 
-def short(text: object, limit: int = 40) -> str:
-    """A client's string as it may appear in an error: escaped (ASCII repr) and cut to `limit` characters."""
-    shown = ascii(str(text))
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
-def load_preprocess(model_dir: str):
-    """The archive's preprocess.py as a module of its own name (not on sys.path: the model
-    directory's copy is the one loaded, whatever else the worker can import)."""
-    path = os.path.join(model_dir, PREPROCESS_MODULE)
+def _module_beside(filename: str, name: str, folder: str | None = None):
+    """A module file of the model directory (or of the folder given) loaded under its own name: the
+    archive's copy, whatever else the worker could import (TorchServe puts the model directory on
+    sys.path, where a generic name could find another module first)."""
+    path = os.path.join(folder or os.path.dirname(os.path.abspath(__file__)), filename)
     if not os.path.isfile(path):
-        raise ValueError(f"{PREPROCESS_MODULE} is missing from the archive: rebuild it with `toolkit archive`")
-    spec = importlib.util.spec_from_file_location("toolkit_archive_preprocess", path)
+        raise ValueError(f"{filename} is missing from the archive: rebuild it with `toolkit archive`")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _load_torchscript(path: str, device: torch.device):
-    # TorchScript still works but warns that it is deprecated; the warning says nothing
-    # actionable to whoever reads the model log, so it is silenced here only.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model = torch.jit.load(path, map_location=device).eval()
-        try:
-            # Weights become constants, BatchNorm folds into the convolutions: a faster forward
-            # with the same outputs (to float rounding). A model that cannot be frozen runs as is.
-            return torch.jit.freeze(model)
-        except Exception as e:
-            logger.warning("%s cannot be frozen (%s): running it unfrozen", os.path.basename(path), e)
-            return model
+# Reading a request's body (bytes, multipart, JSON, base64) into the image's bytes: beside this file,
+# in serve/ and in every archive.
+request_body = _module_beside("request_body.py", "toolkit_serve_request_body")
+short = request_body.short
 
 
-def _load_onnx(path: str, device: torch.device):
-    """An onnxruntime session (CUDA's provider where the worker has a GPU and onnxruntime has it, else
-    the CPU's) as images -> logits; it takes CPU tensors and copies to the GPU itself."""
-    import onnxruntime  # only an ONNX archive needs it
-
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the worker's share of the cores, set before
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(path, options, providers=providers)
-    name = session.get_inputs()[0].name
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: images.contiguous().numpy()})[0])
-
-    return run
+def load_preprocess(model_dir: str):
+    """The archive's preprocess.py (not the toolkit's, which a TorchServe host need not have)."""
+    return _module_beside(PREPROCESS_MODULE, "toolkit_archive_preprocess", model_dir)
 
 
-def _load_aoti(path: str, device: torch.device):
-    """The AOTInductor package, compiled for the CPU it was exported on, as images -> logits."""
-    from torch._inductor import aoti_load_package
-
-    compiled = aoti_load_package(path)
-    return lambda images: compiled(images.contiguous())
-
-
-# suffix of the serialized file -> (its loader, whether it is a torch module that runs on the worker's
-# device in the memory format measured at load; the others take contiguous CPU tensors)
-LOADERS = {".pt": (_load_torchscript, True), ".onnx": (_load_onnx, False), ".pt2": (_load_aoti, False)}
-
-
-def _load_model(path: str, device: torch.device):
-    """The model in the archive's serialized file, loaded by the file's suffix (as TorchServe's
-    base_handler chooses between .pt, .onnx and .so/.pt2); the rest of the handler is format-blind."""
-    suffix = os.path.splitext(path)[1]
-    if suffix not in LOADERS:
-        raise ValueError(f"{os.path.basename(path)}: no loader for {suffix or 'files without a suffix'} "
-                         f"(known: {', '.join(LOADERS)})")
-    return LOADERS[suffix][0](path, device)
+# The model file's loaders by suffix (.pt, .onnx, .pt2): beside this file, in serve/ and in every archive.
+loaders = _module_beside("loaders.py", "toolkit_serve_loaders")
+LOADERS, _load_model = loaders.LOADERS, loaders.load_model
 
 
 class ImageClassifierHandler:
@@ -270,63 +219,9 @@ class ImageClassifierHandler:
 
     # ---------------------------------------------------------------- one request
     @staticmethod
-    def fields(row) -> str:
-        """The field names of a request, for an error message: a few, each escaped and cut short
-        (a client chooses them: one 100 kB name must not come back whole)."""
-        if not isinstance(row, dict):
-            return type(row).__name__
-        names = sorted(map(str, row))
-        listed = ", ".join(short(name) for name in names[:5])
-        return f"[{listed}{f', ... {len(names) - 5} more' if len(names) > 5 else ''}]"
-
-    @staticmethod
-    def parse_json(value: bytes) -> object:
-        """A body that starts like JSON -> the parsed value. A body opening an object or array that
-        does not parse is a 400; one that merely starts like a scalar ("nonsense") stays bytes."""
-        try:
-            return json.loads(value)
-        except RecursionError:  # json's C parser recurses once per level: ~1,000 levels of [[[...
-            raise PredictionException("malformed JSON: nested too deeply", 400) from None
-        except ValueError as e:  # also UnicodeDecodeError
-            if value.lstrip()[:1] in (b"{", b"["):
-                raise PredictionException(f"malformed JSON: {short(e, 120)}", 400) from None
-            return bytes(value)
-
-    @classmethod
-    def request_bytes(cls, row) -> bytes:
-        """The encoded image of one request, whichever way it was sent."""
-        if not isinstance(row, dict) or ("data" not in row and "body" not in row):
-            raise PredictionException(f"no 'data' or 'body' field in the request (got {cls.fields(row)})", 400)
-        value = row["data"] if "data" in row else row["body"]
-        if isinstance(value, str):  # a text/* body: TorchServe decoded it to str
-            value = value.encode("utf-8")
-        if isinstance(value, (bytes, bytearray)):
-            if not value.strip():
-                raise PredictionException("body is empty", 400)
-            # JSON that TorchServe did not parse (no application/json content type) or could not
-            # (then it passes the bytes on): no image format starts like JSON does.
-            if value.lstrip()[0] not in JSON_START:
-                return bytes(value)
-            value = cls.parse_json(value)
-            if isinstance(value, bytes):  # started like a JSON scalar, but is not JSON
-                return value
-        if not isinstance(value, dict):
-            kind = "null" if value is None else type(value).__name__
-            raise PredictionException(f'unsupported body (JSON {kind}): send image bytes or JSON {{"data": "<base64>"}}', 400)
-        data = value.get("data")
-        if not isinstance(data, str) or not data.strip():
-            raise PredictionException('JSON body must be {"data": "<base64 image>"}', 400)
-        if data.startswith("data:") and "," in data:  # a data: URL, as browsers produce
-            data = data.split(",", 1)[1]
-        try:
-            # Line breaks (`base64` wraps at 76 columns) are dropped; anything else outside the
-            # alphabet is an error rather than silently skipped.
-            raw = base64.b64decode("".join(data.split()), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise PredictionException(f"bad base64 in 'data': {e}", 400) from None
-        if not raw:
-            raise PredictionException("'data' decodes to zero bytes", 400)
-        return raw
+    def request_bytes(row) -> bytes:
+        """The encoded image of one request, whichever way it was sent (request_body.py)."""
+        return request_body.request_bytes(row)
 
     def decode(self, raw: bytes) -> Image.Image:
         """Encoded bytes -> PIL image (first frame), refusing too many pixels before decoding."""

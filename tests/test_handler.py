@@ -194,11 +194,14 @@ def test_module_is_a_valid_torchserve_handler():
     assert "toolkit" not in imported
     assert imported <= {"__future__", "base64", "binascii", "concurrent", "functools", "importlib", "io", "json", "logging",
                         "os", "threading", "time", "warnings", "http", "torch", "PIL", "ts", "onnxruntime"}
-    # and so does the preprocessing it imports from the archive
-    tree = ast.parse(PREPROCESS_PATH.read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported <= {"__future__", "io", "typing", "numpy", "torch", "PIL", "torchvision"}
+    # and so do the modules it loads from the archive: the preprocessing, the loaders, the body reader
+    for path, allowed in ((PREPROCESS_PATH, {"__future__", "io", "typing", "numpy", "torch", "PIL", "torchvision"}),
+                          (HANDLER_PATH.parent / "loaders.py", {"__future__", "logging", "os", "warnings", "torch", "onnxruntime"}),
+                          (HANDLER_PATH.parent / "request_body.py", {"__future__", "base64", "binascii", "json", "ts"})):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert imported <= allowed, (path, imported)
 
 
 @pytest.mark.parametrize("channels,classes", [(1, 3), (3, 10)])
@@ -598,7 +601,9 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
         d.mkdir()
     subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "clf", "--version", "1.0",
                     "--serialized-file", str(model_dir / "model.pt"), "--handler", str(HANDLER_PATH),
-                    "--extra-files", f"{model_dir / 'index_to_name.json'},{model_dir / 'preprocess.json'},{model_dir / 'preprocess.py'}",
+                    "--extra-files", ",".join([str(model_dir / 'index_to_name.json'), str(model_dir / 'preprocess.json'),
+                                               str(model_dir / 'preprocess.py'), str(HANDLER_PATH.parent / 'loaders.py'),
+                                               str(HANDLER_PATH.parent / 'request_body.py')]),
                     "--config-file", str(model_dir / "model-config.yaml"), "--export-path", str(store)],
                    check=True)
     inf, mgmt, met, grpc_i, grpc_m = free_ports(5)

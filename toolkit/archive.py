@@ -2,7 +2,7 @@
 torch-model-archiver CLI from RUN/export (whichever format it holds, and its copy of
 toolkit/preprocess.py, which the handler imports from the archive: one definition of the
 preprocessing, and no toolkit install needed where the archive is served), serve/handler.py and
-the config's serve section."""
+the config's serve section, with the serve/ modules the handler loads from beside itself."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a .mar must hold for serve/handler.py to load (extra files are flattened into the root), besides
 # the model file of its export format, which the manifest names as its serializedFile.
-REQUIRED_ENTRIES = ("handler.py", *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
+HANDLER_MODULES = ("loaders.py", "request_body.py")  # serve/ modules beside handler.py, which loads them
+REQUIRED_ENTRIES = ("handler.py", *HANDLER_MODULES, *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
 
 
 def handler_path() -> Path:
@@ -118,7 +119,8 @@ def build_archive(run_dir: str | Path, name: str | None = None, version: str = "
         "--version", version,
         "--serialized-file", str(serialized),
         "--handler", str(handler),
-        "--extra-files", ",".join(str(export_dir / f) for f in HANDLER_FILES),
+        "--extra-files", ",".join([*(str(export_dir / f) for f in HANDLER_FILES),
+                                   *(str(handler.parent / f) for f in HANDLER_MODULES)]),
         "--config-file", str(export_dir / MODEL_CONFIG),
         "--export-path", str(store),
         "--archive-format", "default",
