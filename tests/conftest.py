@@ -94,3 +94,19 @@ def demo(tmp_path_factory):
 def demo_env(root: Path) -> dict:
     return {**os.environ, "HOME": str(root / "home"), "DEMO_RUN_DIR": str(root / "runs" / "digits"),
             "COLUMNS": "250", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+@pytest.fixture(scope="session")
+def format_runs(tmp_path_factory) -> dict[str, Path]:
+    """{export format: run directory exported in it}: one recipe model (cifar_cnn, 3 x 16 x 16, four
+    classes, the same weights in each) exported once per session in every format of toolkit.export,
+    since an AOTInductor compile takes 15-60 s on 2 cores. Tests that change a run copy it first."""
+    from test_export import make_run
+    from toolkit.export import FORMATS, export_model
+
+    base = tmp_path_factory.mktemp("formats")
+    runs = {}
+    for name in FORMATS:
+        runs[name] = make_run(base / name, "cifar_cnn", 3, 16, seed=3)
+        export_model(runs[name], format=name)
+    return runs

@@ -102,7 +102,7 @@ def test_schema_is_json_schema():
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert schema["additionalProperties"] is False
-    assert set(schema["properties"]) == {"data", "model", "optim", "schedule", "train", "serve"}
+    assert set(schema["properties"]) == {"data", "model", "optim", "schedule", "train", "export", "serve"}
     data = schema["$defs"]["DataConfig"]["properties"]
     assert "description" in data["batch_size"]
 

@@ -50,7 +50,7 @@ def test_export_matches_eager_model(tmp_path, model_name, channels, image_size):
     out = export.export_torchscript(run)
 
     assert out == run / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.pt", "parity.json", "preprocess.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.pt", "parity.json", "preprocess.json", "preprocess.py"]
     parity = json.loads((out / "parity.json").read_text())
     assert parity["method"] == "script" and parity["max_abs_diff"] <= 1e-4
     assert parity["input_shape"] == [4, channels, image_size, image_size]
@@ -191,7 +191,7 @@ def test_archive_rejects_bad_names_and_broken_archives(tmp_path):
     with zipfile.ZipFile(unnamed, "w") as zf:
         for entry in archive.REQUIRED_ENTRIES:
             zf.writestr(entry, b"{}" if entry.endswith(".json") else b"x")
-    with pytest.raises(ToolkitError, match=r"lacks a model file \(model.pt\) named by the manifest"):
+    with pytest.raises(ToolkitError, match=r"lacks a model file \(model.pt or model.onnx or model.pt2\) named by the manifest"):
         archive.check_archive(unnamed)
     (tmp_path / "junk.mar").write_bytes(b"not a zip")
     with pytest.raises(ToolkitError, match="not a readable model archive"):
@@ -234,7 +234,7 @@ def test_a_new_format_is_its_module_and_one_registry_line(tmp_path, monkeypatch)
     monkeypatch.setitem(export.FORMATS, "traced", export.Format("traced.pt", save_traced, torchscript.load_torchscript))
     run = make_run(tmp_path / "run")
     out = export.export_model(run, format="traced")
-    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "parity.json", "preprocess.json", "traced.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "parity.json", "preprocess.json", "preprocess.py", "traced.pt"]
     assert json.loads((out / "parity.json").read_text())["method"] == "trace"
     assert export.model_file(out) == out / "traced.pt" and export.export_is_current(run)
     mar = archive.build_archive(run)
@@ -251,5 +251,5 @@ def test_a_new_format_is_its_module_and_one_registry_line(tmp_path, monkeypatch)
     images = torch.rand(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.allclose(handler.model(images), torchscript.load_torchscript(out / "traced.pt")(images), atol=1e-6)
-    with pytest.raises(ValueError, match=r"weights.onnx: no loader for \.onnx"):
-        load_handler_module()._load_model(str(tmp_path / "weights.onnx"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"weights.tflite: no loader for \.tflite \(known: \.pt, \.onnx, \.pt2\)"):
+        load_handler_module()._load_model(str(tmp_path / "weights.tflite"), torch.device("cpu"))

@@ -1,7 +1,7 @@
 """In-process tests of serve/handler.py, the TorchServe handler, with TorchServe's own Context.
 
-The handler cannot import `toolkit` (it runs in TorchServe's worker), so it holds a copy of the
-evaluation preprocessing; these tests hold the copy equal to toolkit.preprocess bit for bit.
+The handler cannot import `toolkit` (it runs in TorchServe's worker): it imports the archive's copy of
+toolkit/preprocess.py from the model directory, as these model directories hold it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import ast
 import base64
 import importlib.util
 import io
+import shutil
 import time
 import json
 import struct
@@ -29,6 +30,7 @@ from fuzz_corpus import encode
 from toolkit.preprocess import preprocess_image
 
 HANDLER_PATH = Path(__file__).resolve().parents[1] / "serve" / "handler.py"
+PREPROCESS_PATH = Path(__file__).resolve().parents[1] / "toolkit" / "preprocess.py"  # what `toolkit archive` ships
 NAMES = ["cat", "dog", "bird", "fish", "frog", "horse", "ship", "truck", "plane", "car"]
 
 
@@ -56,8 +58,9 @@ class TinyNet(nn.Module):
 
 def make_model_dir(path: Path, channels=3, classes=10, image_size=28, resize="resize", topk=5,
                    max_pixels=40_000_000, version=2) -> Path:
-    """What the .mar holds, flattened: model.pt, index_to_name.json, preprocess.json."""
+    """What the .mar holds, flattened: model.pt, index_to_name.json, preprocess.json, preprocess.py."""
     path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PREPROCESS_PATH, path / "preprocess.py")
     torch.manual_seed(0)
     # TorchScript warns that it is deprecated; the archive format still requires it.
     with warnings.catch_warnings():
@@ -189,8 +192,16 @@ def test_module_is_a_valid_torchserve_handler():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert "toolkit" not in imported
-    assert imported <= {"__future__", "base64", "binascii", "concurrent", "functools", "io", "json", "logging", "os", "threading", "time", "warnings",
-                        "http", "numpy", "torch", "PIL", "torchvision", "ts"}
+    assert imported <= {"__future__", "base64", "binascii", "concurrent", "functools", "importlib", "io", "json", "logging",
+                        "os", "threading", "time", "warnings", "http", "torch", "PIL", "ts", "onnxruntime"}
+    # and so do the modules it loads from the archive: the preprocessing, the loaders, the body reader
+    for path, allowed in ((PREPROCESS_PATH, {"__future__", "io", "typing", "numpy", "torch", "PIL", "torchvision"}),
+                          (HANDLER_PATH.parent / "loaders.py", {"__future__", "logging", "os", "warnings", "torch", "onnxruntime"}),
+                          (HANDLER_PATH.parent / "request_body.py", {"__future__", "base64", "binascii", "json", "ts"})):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert imported <= allowed, (path, imported)
 
 
 @pytest.mark.parametrize("channels,classes", [(1, 3), (3, 10)])
@@ -226,7 +237,7 @@ def test_mixed_batch_answers_each_request_on_its_own(tmp_path, channels, classes
 
     expected_errors = {
         1: (400, "body is empty"),
-        2: (415, "not a decodable image (JPEG, PNG, BMP, GIF, WebP)"),
+        2: (415, "not a decodable image (JPEG, PNG, BMP, GIF, WebP, TIFF, PPM/PGM)"),
         3: (400, "truncated"),
         4: (400, "malformed JSON"),
         5: (400, "bad base64"),
@@ -326,7 +337,7 @@ def test_all_bad_batch_runs_no_forward(tmp_path):
 def test_every_format_and_mode_decodes(model_dirs, channels, name, raw, mode):
     handler = make_handler(model_dirs[(channels, "resize_center_crop")])
     img = handler.decode(raw)
-    assert img.mode == mode and img.format in handler_module.FORMATS
+    assert img.mode == mode and img.format in handler.pp.IMAGE_FORMATS
     tensor = handler.image_to_tensor(img)
     assert tensor.shape == (channels, 28, 28) and tensor.dtype == torch.float32
     assert torch.isfinite(tensor).all()
@@ -590,7 +601,9 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
         d.mkdir()
     subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "clf", "--version", "1.0",
                     "--serialized-file", str(model_dir / "model.pt"), "--handler", str(HANDLER_PATH),
-                    "--extra-files", f"{model_dir / 'index_to_name.json'},{model_dir / 'preprocess.json'}",
+                    "--extra-files", ",".join([str(model_dir / 'index_to_name.json'), str(model_dir / 'preprocess.json'),
+                                               str(model_dir / 'preprocess.py'), str(HANDLER_PATH.parent / 'loaders.py'),
+                                               str(HANDLER_PATH.parent / 'request_body.py')]),
                     "--config-file", str(model_dir / "model-config.yaml"), "--export-path", str(store)],
                    check=True)
     inf, mgmt, met, grpc_i, grpc_m = free_ports(5)

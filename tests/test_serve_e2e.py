@@ -87,7 +87,7 @@ def test_make_demo_trains_serves_and_answers(demo):
     assert summary["best_val_acc"] >= 0.95 and summary["val_samples"] == 359, summary  # 20% of 1,797
     assert "Epoch [ 1/12] Train Loss" in result.stdout
     assert (run_dir / "model-store" / "digits.mar").is_file() and (run_dir / "export" / "model.pt").is_file()
-    rows = [re.search(r"samples/\d{3}_(\d)\.png\s+(\S+)\s", line) for line in result.stdout.splitlines()]
+    rows = [re.search(r"\b\d{3}_(\d)\.png\s+(\S+)\s", line) for line in result.stdout.splitlines()]
     rows = [row.groups() for row in rows if row]
     assert len(rows) == 8, result.stdout[-3000:]
     assert sum(true == top1 for true, top1 in rows) >= 7, rows  # file names carry the true label

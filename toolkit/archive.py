@@ -1,5 +1,8 @@
 """The TorchServe model archive of a run: RUN/model-store/NAME.mar, built by the
-torch-model-archiver CLI from RUN/export, serve/handler.py and the config's serve section."""
+torch-model-archiver CLI from RUN/export (whichever format it holds, and its copy of
+toolkit/preprocess.py, which the handler imports from the archive: one definition of the
+preprocessing, and no toolkit install needed where the archive is served), serve/handler.py and
+the config's serve section, with the serve/ modules the handler loads from beside itself."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import yaml
 
 import toolkit
 from toolkit.errors import ToolkitError
-from toolkit.export import FORMATS, HANDLER_FILES, export_is_current, export_torchscript, model_file
+from toolkit.export import FORMATS, HANDLER_FILES, export_is_current, export_model, model_file
 from toolkit.rundir import RunDir, load_run_config
 
 MODEL_CONFIG = "model-config.yaml"
@@ -25,7 +28,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a .mar must hold for serve/handler.py to load (extra files are flattened into the root), besides
 # the model file of its export format, which the manifest names as its serializedFile.
-REQUIRED_ENTRIES = ("handler.py", *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
+HANDLER_MODULES = ("loaders.py", "request_body.py")  # serve/ modules beside handler.py, which loads them
+REQUIRED_ENTRIES = ("handler.py", *HANDLER_MODULES, *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
 
 
 def handler_path() -> Path:
@@ -89,7 +93,8 @@ def check_archive(mar: Path) -> dict:
 def build_archive(run_dir: str | Path, name: str | None = None, version: str = "1.0") -> Path:
     """Build RUN/model-store/NAME.mar (NAME = the run directory's name by default); returns its path.
 
-    Exports first when RUN/export is missing, incomplete or older than checkpoints/best.
+    Exports first, in the run config's export.format, when RUN/export is missing, incomplete or older
+    than checkpoints/best; otherwise packs the format the export holds.
     """
     run_dir = Path(run_dir).resolve()
     name = run_dir.name if name is None else name
@@ -102,7 +107,7 @@ def build_archive(run_dir: str | Path, name: str | None = None, version: str = "
     config = model_config(run_dir)  # reads config.yaml first: a clear error before any export work
     export_dir = RunDir(run_dir).export
     if not export_is_current(run_dir):
-        export_dir = export_torchscript(run_dir)
+        export_dir = export_model(run_dir)
     serialized = model_file(export_dir)  # whichever format the export holds
     (export_dir / MODEL_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -114,7 +119,8 @@ def build_archive(run_dir: str | Path, name: str | None = None, version: str = "
         "--version", version,
         "--serialized-file", str(serialized),
         "--handler", str(handler),
-        "--extra-files", ",".join(str(export_dir / f) for f in HANDLER_FILES),
+        "--extra-files", ",".join([*(str(export_dir / f) for f in HANDLER_FILES),
+                                   *(str(handler.parent / f) for f in HANDLER_MODULES)]),
         "--config-file", str(export_dir / MODEL_CONFIG),
         "--export-path", str(store),
         "--archive-format", "default",

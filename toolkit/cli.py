@@ -12,6 +12,7 @@ from pathlib import Path
 from toolkit.errors import ToolkitError, launched_world_size, report
 
 EXIT_USER_ERROR = 2
+EXPORT_FORMATS = ("torchscript", "onnx", "aoti")  # toolkit/export FORMATS (tests hold them equal), without torch
 
 
 def _config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -38,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     docs = config_sub.add_parser("docs", help="print a Markdown table of every key")
     docs.add_argument("--write", type=Path, metavar="FILE", help="replace the marked block in FILE (README.md) instead")
 
-    export = sub.add_parser("export", help="write RUN_DIR/export/model.pt (TorchScript) and the handler's files")
+    export = sub.add_parser("export", help="write RUN_DIR/export/: the model in a serving format, parity-checked, and the handler's files")
     export.add_argument("run_dir", type=Path)
+    export.add_argument("--format", "-f", choices=EXPORT_FORMATS,
+                        help="torchscript (model.pt), onnx (model.onnx) or aoti (model.pt2); default: the run config's export.format")
 
-    archive = sub.add_parser("archive", help="pack RUN_DIR into RUN_DIR/model-store/NAME.mar with torch-model-archiver")
+    archive = sub.add_parser("archive", help="pack RUN_DIR/export (exported first in export.format if missing or stale) into RUN_DIR/model-store/NAME.mar")
     archive.add_argument("run_dir", type=Path)
     archive.add_argument("--name", help="model name in the URL (default: the run name)")
     archive.add_argument("--version", default="1.0")
@@ -58,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="top-k classes of image files, from a run or from a server")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run directory (local inference from checkpoints/best)")
+    source.add_argument("--export", type=Path, metavar="DIR", help="an export directory (RUN/export, any format): local inference from the exported file")
     source.add_argument("--url", help="prediction URL, e.g. http://127.0.0.1:8080/predictions/digits")
     predict.add_argument("--token", help="inference token (default: read from the local server on the URL's port)")
     predict.add_argument("--topk", type=int, default=5)
+    predict.add_argument("--json", action="store_true", help="print the answers as JSON, one object per image, instead of a table")
     predict.add_argument("images", nargs="+", type=Path)
 
     serve = sub.add_parser("serve", help="start, stop and inspect a local TorchServe")
@@ -136,16 +141,19 @@ def cmd_config(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from toolkit.export import export_torchscript
+    from toolkit.export import describe_export, export_model
 
-    print(f"exported {export_torchscript(args.run_dir)}")
+    print(describe_export(export_model(args.run_dir, format=args.format)))
     return 0
 
 
 def cmd_archive(args) -> int:
-    from toolkit.archive import build_archive
+    from toolkit.archive import build_archive, check_archive
+    from toolkit.export import format_of_file
 
-    print(f"archived {build_archive(args.run_dir, name=args.name, version=args.version)}")
+    mar = build_archive(args.run_dir, name=args.name, version=args.version)
+    serialized = check_archive(mar)["model"]["serializedFile"]
+    print(f"archived {mar} ({format_of_file(serialized)}: {serialized}; {mar.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 

@@ -208,12 +208,17 @@ class ServeConfig(Section):
         return self
 
 
+class ExportConfig(Section):
+    format: Literal["torchscript", "onnx", "aoti"] = Field("torchscript", description="Format `toolkit export` writes and `toolkit archive` packs when the run has no current export: torchscript (model.pt), onnx (model.onnx, run by onnxruntime; needs pip install 'toolkit[onnx]') or aoti (model.pt2, compiled ahead of time by AOTInductor for this kind of CPU; needs a C++ compiler). Each is parity-checked against the checkpoint.")
+
+
 class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Where images come from and how they are prepared.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
     optim: OptimConfig = Field(default_factory=OptimConfig, description="The optimizer.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="The learning-rate schedule.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop and the run directory.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="The file a run is exported to for serving.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving settings written into the model archive.")
 
     @property

@@ -15,7 +15,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 from toolkit.config import DataConfig
 from toolkit.errors import ImageFileError, ToolkitError
 from toolkit.names import DATASETS
-from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, load_uint8, resize_uint8
+from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, is_image_file, load_uint8, resize_uint8
 
 
 
@@ -232,8 +232,11 @@ def _torchvision(cfg: DataConfig):
 
 
 def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
-    from torchvision.datasets import ImageFolder
+    from functools import partial
 
+    from torchvision.datasets import ImageFolder as AnyFolder
+
+    ImageFolder = partial(AnyFolder, is_valid_file=is_image_file)  # the suffixes of the formats every stage reads
     root = Path(cfg.root)
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():

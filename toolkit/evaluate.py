@@ -77,13 +77,15 @@ def folder_set(root: Path, classes: list[str]) -> EvalSet:
     checkpoint's classes; a folder may hold only some of them."""
     from torchvision.datasets import ImageFolder
 
+    from toolkit.preprocess import is_image_file
+
     root = Path(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
         root = root / "val"
     if not root.is_dir():
         raise ToolkitError(f"--data-root: {root} is not a directory (expected one folder of images per class)")
     try:
-        folder = ImageFolder(root, allow_empty=True)
+        folder = ImageFolder(root, allow_empty=True, is_valid_file=is_image_file)  # the formats every stage reads
     except (FileNotFoundError, RuntimeError) as exc:
         raise ToolkitError(f"--data-root: {root}: {exc}") from None
     unknown = [c for c in folder.classes if c not in classes]

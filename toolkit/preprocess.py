@@ -1,7 +1,8 @@
 """The evaluation preprocessing: image file -> uint8 CxHxW -> normalised float tensor.
 
-This is the one definition that training, `toolkit predict`, evaluation and (by a copy that the
-tests hold equal) the TorchServe handler share. Its settings travel with the model in
+This is the one definition that training, `toolkit predict`, evaluation and the TorchServe handler
+share: `toolkit archive` ships this file inside the .mar and serve/handler.py imports it from there,
+so it imports only numpy, torch, PIL and torchvision. Its settings travel with the model in
 `meta.json` / `preprocess.json` as a `Preprocess` dict, with the `preprocess_version` that made it:
 
   1  resize the short side to S, then centre-crop: the resize's tensor grew with the aspect ratio
@@ -28,6 +29,16 @@ PREPROCESS_VERSION = 2
 REDUCING_GAP = 2  # box-reduce only while at least 2 x S stays on that side (as PIL's thumbnail does)
 V1_MAX_ASPECT = 20  # version 1's resize tensor is S x (S * aspect): refused above this
 KEYS = ("channels", "image_size", "resize", "mean", "std")
+# The image formats read anywhere, by PIL's names: training and evaluate (file suffixes below),
+# `toolkit predict` and the handler (PIL is asked for these decoders only: less attack surface).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+FORMAT_NAMES = "JPEG, PNG, BMP, GIF, WebP, TIFF, PPM/PGM"
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_file(path: str) -> bool:
+    """A file whose suffix is one of the formats read (torchvision's ImageFolder would leave out GIF)."""
+    return str(path).lower().endswith(EXTENSIONS)
 # What PIL raises for a file that is not a readable image (DecompressionBombError is none of the others).
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -155,21 +166,30 @@ def resize_uint8_v1(images: torch.Tensor, size: int, policy: ResizePolicy) -> to
 
 
 # ---------------------------------------------------------------- PIL -> tensors
+def pil_bounded(img: Image.Image, channels: int, size: int, policy: ResizePolicy,
+                version: int = PREPROCESS_VERSION) -> torch.Tensor:
+    """PIL image of any mode -> uint8 C x H x W of the region that reaches the output, box-reduced so
+    that each side is under 4 x size (version 2; version 1: the whole image). PIL and numpy only up to
+    the tensor: the handler runs this in its decoding threads."""
+    if version == 1:
+        return F.pil_to_tensor(to_mode(img, channels))
+    return F.pil_to_tensor(box_reduce(to_mode(crop_region(img, policy), channels), size))
+
+
 def pil_to_uint8(img: Image.Image, channels: int, size: int, policy: ResizePolicy,
                  version: int = PREPROCESS_VERSION) -> torch.Tensor:
     """PIL image of any mode -> uint8 tensor channels x size x size."""
-    if version == 1:
-        return resize_uint8_v1(F.pil_to_tensor(to_mode(img, channels)), size, policy)
-    img = box_reduce(to_mode(crop_region(img, policy), channels), size)
-    return resize_uint8(F.pil_to_tensor(img), size, policy)
+    return resize_uint8(pil_bounded(img, channels, size, policy, version), size, policy, version)
 
 
-def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: list[float], std: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (N)xCxHxW -> float32 (x / 255 - mean) / std per channel, as x * scale + shift in one
-    float copy (the memory format of `images` is kept)."""
+    float copy (the memory format of `images` is kept), written into `out` (a float tensor of any
+    memory format: the handler's batch) when given."""
     scale = torch.tensor([1 / (255 * s) for s in std], dtype=torch.float32, device=images.device).view(-1, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32, device=images.device).view(-1, 1, 1)
-    return images.to(torch.float32).mul_(scale).add_(shift)
+    floats = images.to(torch.float32) if out is None else out.copy_(images)
+    return floats.mul_(scale).add_(shift)
 
 
 def draft(img: Image.Image, size: int) -> None:
@@ -212,7 +232,7 @@ def open_image(source: str | bytes | Image.Image, size: int | None = None, limit
     `draft`); with `limits`, larger images are refused from the header, before decoding."""
     if isinstance(source, Image.Image):
         return source
-    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source, formats=IMAGE_FORMATS)
     check_limits(*img.size, limits)
     img.seek(0)
     if size is not None:

@@ -1,11 +1,12 @@
 """Export of a run's best checkpoint to a serving format, checked against the eager model. RUN/export/
-holds the format's model file, index_to_name.json and preprocess.json (all the TorchServe handler
-reads) and parity.json. What every format shares (staging, the parity check, the handler's files) is
-here; each format is one module (torchscript.py) and one line of FORMATS."""
+holds the format's model file, index_to_name.json, preprocess.json and preprocess.py (a copy of
+toolkit/preprocess.py, which the handler imports: all the TorchServe handler reads) and parity.json. What every format shares (staging, the parity check, the handler's files) is
+here; each format is one module (torchscript.py, onnx.py, aoti.py) and one line of FORMATS."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,50 +15,67 @@ from typing import Callable
 import torch
 from torch import nn
 
+from toolkit import preprocess
 from toolkit.checkpoint import WEIGHTS, checkpoints_dir, load_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
-from toolkit.export import torchscript
+from toolkit.export import aoti, onnx, torchscript
 from toolkit.export.torchscript import load_torchscript
 from toolkit.rundir import Meta, RunDir, load_run_config
 
 INDEX_FILE = "index_to_name.json"
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"  # how the file was made and checked; not part of the archive
-HANDLER_FILES = (INDEX_FILE, PREPROCESS_FILE)  # beside the model file in every archive
-TOLERANCE = 1e-4
-PARITY_BATCH = 4
+PREPROCESS_MODULE = "preprocess.py"  # toolkit/preprocess.py: imports only numpy, torch, PIL and torchvision
+HANDLER_FILES = (INDEX_FILE, PREPROCESS_FILE, PREPROCESS_MODULE)  # beside the model file in every archive
+PARITY_BATCH = 4  # the example the file is made from; the check also runs one image
+PARITY_BATCHES = (1, PARITY_BATCH)
 
 
 @dataclass(frozen=True)
 class Format:
     """A serving format: the file it writes, how to write it and how to load it back for the check."""
     model_file: str  # its suffix tells serve/handler.py how to load it
-    save: Callable[[nn.Module, torch.Tensor, Path], str]  # (eager model, example, path) -> method
+    save: Callable[[nn.Module, torch.Tensor, Path], "str | dict"]  # (eager model, example, path) -> method or facts
     load: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]]
+    tolerance: float = 1e-4  # largest max |logit difference| to the eager model accepted (README: per format)
+    require: Callable[[], None] | None = None  # raises ToolkitError naming what is missing, before any work
 
 
 FORMATS: dict[str, Format] = {
-    "torchscript": Format(torchscript.MODEL_FILE, torchscript.save, torchscript.load_torchscript),
+    "torchscript": Format(torchscript.MODEL_FILE, torchscript.save, torchscript.load_torchscript, 1e-4),
+    "onnx": Format(onnx.MODEL_FILE, onnx.save, onnx.load_onnx, 1e-4, onnx.require),
+    "aoti": Format(aoti.MODEL_FILE, aoti.save, aoti.load_aoti, 1e-4, aoti.require),
 }
 DEFAULT_FORMAT = "torchscript"
+TOLERANCE = FORMATS[DEFAULT_FORMAT].tolerance  # kept for callers of the single global of before
 
 
-def check_parity(eager: nn.Module, path: Path, example: torch.Tensor, load: Callable) -> float:
-    """Reload the saved file and compare its logits with the eager model's; returns max |diff|."""
-    exported = load(path)
-    with torch.no_grad():
-        expected = eager(example)
-        got = exported(example)
-    if got.shape != expected.shape:
-        raise ToolkitError(f"{path}: exported model returns shape {tuple(got.shape)}, "
-                           f"the checkpoint's model {tuple(expected.shape)}")
-    diff = (got - expected).abs().max().item()
-    if not diff <= TOLERANCE:  # also catches NaN
-        raise ToolkitError(f"{path}: exported model differs from the checkpoint's model: max abs "
-                           f"difference of the logits {diff:.3g} > {TOLERANCE:g} on a random batch "
-                           f"of shape {tuple(example.shape)}")
-    return diff
+def parity_inputs(channels: int, image_size: int) -> dict[int, torch.Tensor]:
+    """{batch size: random images}: a fixed generator, the same check on every export."""
+    generator = torch.Generator().manual_seed(0)
+    return {n: torch.randn((n, channels, image_size, image_size), generator=generator) for n in PARITY_BATCHES}
+
+
+def check_parity(eager: nn.Module, path: Path, inputs: dict[int, torch.Tensor], fmt: Format) -> dict[str, float]:
+    """Reload the saved file and compare its logits with the eager model's on each batch;
+    returns {batch size: max |diff|}, refusing a wrong shape or a difference above the tolerance."""
+    exported = fmt.load(path)
+    diffs = {}
+    for n, images in inputs.items():
+        with torch.no_grad():
+            expected = eager(images)
+            got = exported(images)
+        if got.shape != expected.shape:
+            raise ToolkitError(f"{path}: exported model returns shape {tuple(got.shape)}, "
+                               f"the checkpoint's model {tuple(expected.shape)}")
+        diff = (got.float() - expected).abs().max().item()
+        if not diff <= fmt.tolerance:  # also catches NaN
+            raise ToolkitError(f"{path}: exported model differs from the checkpoint's model: max abs "
+                               f"difference of the logits {diff:.3g} > {fmt.tolerance:g} on a random batch "
+                               f"of shape {tuple(images.shape)}")
+        diffs[str(n)] = diff
+    return diffs
 
 
 def preprocess_settings(meta: Meta, cfg: RunConfig, topk: int | None) -> dict:
@@ -70,34 +88,64 @@ def preprocess_settings(meta: Meta, cfg: RunConfig, topk: int | None) -> dict:
             "max_pixels": cfg.serve.max_pixels, "max_side": cfg.serve.max_side}
 
 
-def export_model(run_dir: str | Path, topk: int | None = None, format: str = DEFAULT_FORMAT) -> Path:
-    """Write RUN/export/ from checkpoints/best in `format`; returns the export directory.
+def format_of(name: str) -> Format:
+    if name not in FORMATS:
+        raise ToolkitError(f"export format {name!r}: use one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost exception of a chain, as one line: type and first line of its message, no colours."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def save_checked(model: nn.Module, meta: Meta, fmt_name: str, path: Path) -> dict:
+    """Write the model file and check it; returns parity.json's content. A model the format cannot
+    take is refused with its name, the format and the cause."""
+    fmt = format_of(fmt_name)
+    inputs = parity_inputs(meta.channels, meta.image_size)
+    try:
+        made = fmt.save(model, inputs[PARITY_BATCH], path)
+    except ToolkitError as exc:
+        raise ToolkitError(f"model {meta.model.name!r} cannot be exported to {fmt_name}: {exc}") from None
+    except Exception as exc:  # the exporters raise many kinds, often wrapping the cause
+        raise ToolkitError(f"model {meta.model.name!r} cannot be exported to {fmt_name}: {root_cause(exc)}") from None
+    made = {"method": made} if isinstance(made, str) else dict(made)
+    diffs = check_parity(model, path, inputs, fmt)
+    return {"format": fmt_name, "model_file": fmt.model_file, **made, "max_abs_diff": max(diffs.values()),
+            "max_abs_diff_by_batch": diffs, "tolerance": fmt.tolerance,
+            "input_shape": list(inputs[PARITY_BATCH].shape), "epoch": meta.epoch, "torch": torch.__version__}
+
+
+def export_model(run_dir: str | Path, topk: int | None = None, format: str | None = None) -> Path:
+    """Write RUN/export/ from checkpoints/best in `format` (None: the run config's export.format);
+    returns the export directory.
 
     The files are written to a staging directory and swapped in only after the parity check,
     so RUN/export never holds a model that failed it.
     """
     run_dir = Path(run_dir)
-    fmt = FORMATS[format]
     cfg = load_run_config(run_dir)
+    format = cfg.export.format if format is None else format
+    fmt = format_of(format)
+    if fmt.require is not None:
+        fmt.require()  # a missing package or compiler, said before the checkpoint is read
     model, meta = load_best(run_dir)  # a fresh model: contiguous, not compiled, eval mode
     model = model.float().eval()
     settings = preprocess_settings(meta, cfg, topk)
-    # A fixed generator: the same check on every export, independent of the global seed.
-    generator = torch.Generator().manual_seed(0)
-    shape = (PARITY_BATCH, meta.channels, meta.image_size, meta.image_size)
-    example = torch.randn(shape, generator=generator)
 
     export_dir, staging = RunDir(run_dir).export, RunDir(run_dir).export_staging
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        method = fmt.save(model, example, staging / fmt.model_file)
-        diff = check_parity(model, staging / fmt.model_file, example, fmt.load)
-        parity = {"method": method, "max_abs_diff": diff, "tolerance": TOLERANCE, "input_shape": list(shape),
-                  "epoch": meta.epoch, "torch": torch.__version__}
+        parity = save_checked(model, meta, format, staging / fmt.model_file)
         (staging / PARITY_FILE).write_text(json.dumps(parity, indent=2))
         (staging / INDEX_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(meta.classes)}, indent=2))
         (staging / PREPROCESS_FILE).write_text(json.dumps(settings, indent=2))
+        shutil.copyfile(Path(preprocess.__file__), staging / PREPROCESS_MODULE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -116,6 +164,11 @@ def model_file(export_dir: Path) -> Path | None:
     return found[0] if found else None
 
 
+def format_of_file(path: Path) -> str:
+    """The name of the format that writes files named like `path`."""
+    return next(name for name, f in FORMATS.items() if f.model_file == Path(path).name)
+
+
 def export_is_current(run_dir: str | Path) -> bool:
     """True when RUN/export holds a complete export at least as new as checkpoints/best."""
     run_dir = Path(run_dir)
@@ -127,5 +180,23 @@ def export_is_current(run_dir: str | Path) -> bool:
     return not weights.is_file() or weights.stat().st_mtime <= model.stat().st_mtime
 
 
-__all__ = ["FORMATS", "Format", "export_model", "export_torchscript", "export_is_current", "load_torchscript",
-           "model_file"]
+def describe_export(export_dir: Path) -> str:
+    """One line for a user: the file, its format, the parity figure and the size."""
+    path = model_file(export_dir)
+    if path is None:
+        raise ToolkitError(f"{export_dir}: holds no exported model ({', '.join(f.model_file for f in FORMATS.values())})")
+    parity = json.loads((export_dir / PARITY_FILE).read_text()) if (export_dir / PARITY_FILE).is_file() else {}
+    facts = [parity.get("format") or format_of_file(path)]
+    facts += [f"opset {parity['opset']}"] if "opset" in parity else []
+    facts += [f"compiled in {parity['compile_seconds']:.1f} s"] if "compile_seconds" in parity else []
+    size = path.stat().st_size
+    line = f"exported {path} ({', '.join(facts)}; {size / 1e6:.2f} MB)"
+    if "max_abs_diff" in parity:
+        batches = " and ".join(parity.get("max_abs_diff_by_batch", {}).keys()) or "?"
+        line += (f"\n  parity with the checkpoint: max |logit difference| {parity['max_abs_diff']:.2g} "
+                 f"(tolerance {parity['tolerance']:g}) on random batches of {batches}")
+    return line
+
+
+__all__ = ["FORMATS", "Format", "describe_export", "export_model", "export_torchscript", "export_is_current",
+           "load_torchscript", "model_file"]
