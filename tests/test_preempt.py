@@ -5,6 +5,7 @@ for the in-memory and the DataLoader pipelines. Signals, Ctrl-C and two processe
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -68,3 +69,31 @@ def test_a_stop_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_weigh
     keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_samples", "lr")
     assert ([{k: m[k] for k in keys} for m in read_jsonl(resumed / "metrics.jsonl")]
             == [{k: m[k] for k in keys} for m in read_jsonl(straight / "metrics.jsonl")])
+
+
+def test_checkpoint_every_minutes_saves_at_the_next_agreed_point(tmp_path, capsys, monkeypatch):
+    """`N min` is each process's own clock, agreed at the next reduce: a clock that runs a minute per read
+    asks at every step, so the reduces at batches 5 and 10 save (the epoch's end has its own checkpoint)."""
+    from toolkit import preempt
+
+    clock = iter(range(0, 10**6, 61))
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: next(clock))
+    train_run(tmp_path, *COMMON, "train.epochs=1", "train.checkpoint_every=1 min")
+    out = capsys.readouterr().out
+    assert [int(b) for b in re.findall(r"checkpoints/last: epoch 1, batch (\d+) of 12", out)] == [5, 10]
+
+
+@pytest.mark.parametrize("value, stored", [(500, "500 steps"), ("500", "500 steps"), ("20 steps", "20 steps"),
+                                           ("30 min", "30 min"), ("30min", "30min")])
+def test_checkpoint_every_reads_steps_or_minutes(value, stored):
+    from toolkit.config import TrainConfig
+
+    assert TrainConfig(checkpoint_every=value).checkpoint_every == stored
+
+
+def test_checkpoint_every_refuses_other_units(tmp_path):
+    from toolkit.config_io import load_config
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.checkpoint_every: '2 hours'"):
+        load_config("smoke.yaml", ["train.checkpoint_every=2 hours"])
