@@ -108,9 +108,10 @@ class ImageClassifierHandler:
         path = self.model_path(context, model_dir)
         native = LOADERS.get(os.path.splitext(path)[1], (None, True))[1]
         gpu_id = context.system_properties.get("gpu_id")
-        if native and gpu_id is not None and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{gpu_id}")
-        self.model = _load_model(path, self.device if native else torch.device("cpu"))
+        worker_device = torch.device(f"cuda:{gpu_id}") if gpu_id is not None and torch.cuda.is_available() else self.device
+        if native:  # a torch module takes its inputs on its device; onnxruntime copies CPU inputs itself
+            self.device = worker_device
+        self.model = _load_model(path, worker_device)
         layouts = self.choose_layouts(handler_cfg.get("channels_last"), native)
         self.initialized = True
         logger.info("loaded %s from %s on %s, %d torch threads, layout %s, %s", os.path.basename(path), model_dir,

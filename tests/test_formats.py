@@ -284,3 +284,34 @@ def test_an_archive_is_served_where_the_toolkit_is_not_installed(format_runs, tm
     # the blocker itself works: the toolkit is installed in this environment
     blocked = subprocess.run([sys.executable, "-c", NO_TOOLKIT + "import toolkit"], capture_output=True, text=True)
     assert blocked.returncode == 1 and "blocked" in blocked.stderr
+
+
+def test_training_and_evaluate_read_a_file_of_each_format(tmp_path):
+    """The same list for training (imagefolder) and evaluate: torchvision's ImageFolder alone leaves GIF
+    out, the server refused TIFF (issue 27, item 5). Every file is found and decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from toolkit.config import DataConfig
+    from toolkit.data import build_data
+    from toolkit.evaluate import folder_set
+    from toolkit.preprocess import EXTENSIONS, Preprocess
+
+    root = tmp_path / "photos"
+    for k, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i, (fmt, suffix) in enumerate((("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("GIF", "gif"),
+                                           ("WEBP", "webp"), ("TIFF", "tif"), ("PPM", "ppm"))):
+            Image.new("RGB", (24 + i, 20), (100 * k, 20 * i, 50)).save(root / name / f"{i}.{suffix}", fmt)
+        (root / name / "notes.txt").write_text("not an image")
+    assert {p.suffix for p in root.rglob("*.*")} - {".txt"} <= set(EXTENSIONS)
+    bundle = build_data(DataConfig(name="imagefolder", root=str(root), image_size=16, val_fraction=0.5,
+                                   num_workers=0, pipeline="loader"))
+    assert len(bundle.train) + len(bundle.val) == 14
+    for dataset in (bundle.train, bundle.val):
+        assert all(dataset[i][0].shape == (3, 16, 16) for i in range(len(dataset)))
+    data = folder_set(root, ["a", "b"])
+    assert len(data) == 14 and sorted(Path(f).suffix for f in data.files) == sorted([".jpg", ".png", ".bmp", ".gif",
+                                                                                      ".webp", ".tif", ".ppm"] * 2)
+    pre = Preprocess(channels=3, image_size=16, resize="resize", mean=[0.5] * 3, std=[0.25] * 3, preprocess_version=2)
+    with ThreadPoolExecutor(1) as pool:
+        assert data.fetch(torch.arange(14), pre, pool).shape == (14, 3, 16, 16)

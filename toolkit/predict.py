@@ -63,12 +63,14 @@ def predict_export(export_dir: str | Path, paths: list[str | Path], topk: int = 
         raise ToolkitError(f"--export: {export_dir} is not an export directory (toolkit export RUN writes RUN/export: "
                            f"a model file, {INDEX_FILE} and {PREPROCESS_FILE})")
     fmt = FORMATS[format_of_file(path)]
-    if fmt.require is not None:
-        fmt.require()
+    try:
+        model = fmt.load(path)  # a compiled .pt2 needs no compiler to load; a .onnx needs onnxruntime
+    except ImportError as exc:
+        raise ToolkitError(f"--export: {path} needs the Python package {exc.name}: pip install 'toolkit[onnx]'") from None
     names = json.loads((export_dir / INDEX_FILE).read_text())
     classes = [names[str(i)] for i in range(len(names))]
     pre = preprocess_from(json.loads((export_dir / PREPROCESS_FILE).read_text()))
-    return classify(fmt.load(path), classes, pre, paths, topk, batch_size)
+    return classify(model, classes, pre, paths, topk, batch_size)
 
 
 def classify(model, classes: list[str], pre, paths: list[str | Path], topk: int,
