@@ -156,7 +156,7 @@ def test_node_two_machines_one_run_a_dead_node_stops_the_survivor_in_time_and_a_
                               "answer within train.collective_timeout_s = 15 s)")
     assert ours[0].endswith("checkpoints/last holds epoch 1 and batch 4 of epoch 2; start the run again with --resume")
     assert took < 15 + 15, took
-    assert launches[0].stdout().count("processes 2 (MULTI_CPU)") == 1 and "Epoch [" not in launches[1].stdout()
+    assert launches[0].stdout().count("2 processes on 2 machines (DDP over gloo)") == 1 and "Epoch [" not in launches[1].stdout()
 
     resumed = [_node(nodes, i, tmp_path, "run", [*overrides, "train.resume=true"], tmp_path / "logs2") for i in (0, 1)]
     assert [launch.wait(300) for launch in resumed] == [0, 0], resumed[0].stderr()[-3000:]

@@ -22,7 +22,7 @@ def test_slurm_script_starts_one_run_across_nodes(tmp_path):
                              "--set", f"train.output_dir={tmp_path}", "--set", "train.epochs=1"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("2 processes (DDP over gloo)") == 1  # one run of two processes, one main process
+    assert result.stdout.count("2 processes on 2 machines (DDP over gloo)") == 1  # one run of two processes, one main process
     assert "nothing to resume" in result.stdout  # the script always passes --resume: a first start starts
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["effective_batch_size"] == 64 and summary["val_samples"] == 128
