@@ -3,6 +3,7 @@ the evaluation preprocessing; the loaders that feed them (augmentation is toolki
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -105,17 +106,6 @@ class DataBundle:
     preprocess: Preprocess
     pipeline: str  # "memory" or "loader"
     source_side: int | None = None  # the source images' typical short side, before resizing
-
-    def upsampling_note(self) -> str | None:
-        """A warning when the model sees images more than 2x larger per side than they are: slow, and no
-        detail is gained (a folder of 32x32 images through imagefolder's default 224, say)."""
-        size = self.preprocess["image_size"]
-        if not self.source_side or size <= 2 * self.source_side:
-            return None
-        factor = size / self.source_side
-        return (f"images of about {self.source_side} px a side are upsampled {factor:.1f}x per side to "
-                f"data.image_size {size} ({factor * factor:.0f}x the pixels to compute); set data.image_size "
-                f"to their own size unless the model needs {size} (ImageNet weights do)")
 
     @property
     def in_memory(self) -> bool:
@@ -262,16 +252,13 @@ def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
 
 
 def _typical_side(paths: list[str], probes: int = 64) -> int | None:
-    """The median short side of up to `probes` files spread over the set, read from their headers."""
+    """The median short side of up to `probes` files over the set, from their headers (the loader names bad ones)."""
     from PIL import Image
 
     sides = []
     for path in paths[:: max(1, len(paths) // probes)][:probes]:
-        try:
-            with Image.open(path) as image:
-                sides.append(min(image.size))
-        except (OSError, ValueError):  # an unreadable file is reported by the loader, with its path
-            continue
+        with contextlib.suppress(OSError, ValueError), Image.open(path) as image:
+            sides.append(min(image.size))
     return sorted(sides)[len(sides) // 2] if sides else None
 
 

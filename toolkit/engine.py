@@ -21,7 +21,7 @@ from toolkit.hooks import STOPS, Hook, Requests, default_hooks
 from toolkit.models import check_model, train_mode
 from toolkit.optim import replan
 from toolkit.preempt import peer_lost, preempt_hooks
-from toolkit.progress import Reporter, data_line, epoch_line
+from toolkit.progress import Reporter, data_line, epoch_line, upsampling_note
 from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
@@ -97,7 +97,7 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Seq
                            f"epochs: the next step uses lr {rate:.6g}", highlight=False)
         run.state = state
     reporter.print(data_line(run), highlight=False)
-    if (upsampled := run.bundle.upsampling_note()) is not None:
+    if (upsampled := upsampling_note(run.bundle.preprocess["image_size"], run.bundle.source_side)) is not None:
         reporter.print(f"[yellow]warning: {upsampled}[/]")
     return run
 

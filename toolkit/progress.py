@@ -24,6 +24,17 @@ def data_line(run: Training) -> str:
             f"effective batch {run.effective_batch_size} | lr {run.lr:g}")
 
 
+def upsampling_note(image_size: int, source_side: int | None) -> str | None:
+    """A warning when the model sees images more than 2x larger per side than they are: slow, and no
+    detail is gained (a folder of 32x32 images through imagefolder's default 224, say)."""
+    if not source_side or image_size <= 2 * source_side:
+        return None
+    factor = image_size / source_side
+    return (f"images of about {source_side} px a side are upsampled {factor:.1f}x per side to data.image_size "
+            f"{image_size} ({factor * factor:.0f}x the pixels to compute); set data.image_size to their own "
+            f"size unless the model needs {image_size} (ImageNet weights do)")
+
+
 def _rounded(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
