@@ -121,13 +121,12 @@ def load_resume_config(path: str | Path | None, overrides: list[str],
                                "give the run directory of a run, or --config to start one")
         return validate(_with(merged, "train.resume", True), label, set(leaves(extra))), []
     base = layout.load_config().resolved().to_dict()
-    changes, kept = [], []
-    for key, value in leaves(extra).items():
-        if key not in INVOCATION and _as_validated(base, key, value) != _get(base, key):
-            changes.append(Change(key, _get(base, key), _as_validated(base, key, value)))
-    for key, value in leaves(raw).items():
-        if key not in INVOCATION and key not in leaves(extra) and _as_validated(base, key, value) != _get(base, key):
-            kept.append(f"{key}: {_get(base, key)!r} (the run's; {label} says {value!r})")
+    from_set = leaves(extra)
+    differing = {key: (value, now) for key, value in {**leaves(raw), **from_set}.items()
+                 if key not in INVOCATION and (now := _as_validated(base, key, value)) != _get(base, key)}
+    changes = [Change(k, _get(base, k), now) for k, (_, now) in differing.items() if k in from_set]
+    kept = [f"{k}: {_get(base, k)!r} (the run's; {label} says {value!r})"
+            for k, (value, _) in differing.items() if k not in from_set]
     refuse(changes, run_dir)
     tree = _with(_with(base, "train.output_dir", str(run_dir.parent)), "train.run_name", run_dir.name)
     tree = _with(tree, "train.stop_after", _get(merged, "train.stop_after"))
