@@ -77,3 +77,36 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
     assert (ckpt / "best").resolve().name == best
     leftovers = {p.name for p in ckpt.iterdir()} - {"best", "last", "last-e0003-s0000024", best}
     assert not leftovers  # the half-written directories of the killed runs are gone
+
+
+def test_preempt_two_processes_loader_pipeline_grad_accum_killed_after_a_mid_epoch_save_resumes_exactly(tmp_path):
+    """The DataLoader pipeline (image files, a worker per process) with gradient accumulation, two processes:
+    train.checkpoint_every=2 saves every 2 optimizer steps (4 batches; 3 steps an epoch), inside epoch 2 at its batch 2; a SIGKILL right after
+    one loses nothing before it, and --resume ends with the weights of the run that never stopped."""
+    from test_data import make_folder
+
+    root = make_folder(tmp_path / "photos", per_class=40)  # 120 files, 90 for training: 6 batches of 8 a process
+    common = ["data.name=imagefolder", f"data.root={root}", "data.pipeline=loader", "data.num_workers=1",
+              "data.batch_size=8", "data.image_size=16", "data.channels=3", "data.augment.crop_padding=2",
+              "data.augment.hflip=true", "model.name=bn_cnn", "model.args={}", "train.epochs=2",
+              "train.grad_accum_steps=2", "train.log_every=1"]
+    straight = run(command(tmp_path, "straight", common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_dir = tmp_path / "parts"
+    launch = Background(command(tmp_path, "parts", [*common, "train.checkpoint_every=2"]), tmp_path / "logs")
+    try:
+        launch.wait_for(lambda: "checkpoints/last: epoch 2, batch 2 of 6 (step 4)" in launch.stdout())
+    finally:
+        launch.kill()
+    assert processes_of(tmp_path) == []
+    state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batches_done"]) == (1, 2)
+
+    resumed = run(command(tmp_path, "parts", [*common, "train.checkpoint_every=2", "train.resume=true"]))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed {run_dir} after epoch 1, batch 2 of 6 of epoch 2" in resumed.stdout
+    mine, reference = load_resume_weights(run_dir), load_resume_weights(tmp_path / "straight")
+    assert mine.keys() == reference.keys() and all((mine[k] == reference[k]).all() for k in mine)
+    keys = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_samples")
+    assert ([{k: m[k] for k in keys} for m in read_jsonl(run_dir / "metrics.jsonl")]
+            == [{k: m[k] for k in keys} for m in read_jsonl(tmp_path / "straight" / "metrics.jsonl")])

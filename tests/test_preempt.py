@@ -59,7 +59,7 @@ def test_a_stop_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_weigh
     assert summary["status"] == "requested" and summary["epochs_completed"] == 1 and summary["batches_done"] == 4
     assert 0 < summary["last_save_s"] < 10
     state = json.loads((parts / "checkpoints" / "last" / "trainer_state.json").read_text())
-    assert (state["epoch"], state["batches_done"]) == (1, 4) and state["partial"][2] == 4 * 8
+    assert (state["epoch"], state["batches_done"]) == (1, 4) and [row[2] for row in state["partial"]] == [4 * 8]
     assert (parts / "checkpoints" / "last").resolve().name == "last-e0001-s0000016"
     assert (parts / "plots" / "curves.png").is_file()  # epoch 1's curves, with the summary saying why it stopped
 
@@ -97,3 +97,16 @@ def test_checkpoint_every_refuses_other_units(tmp_path):
 
     with pytest.raises(ConfigError, match="train.checkpoint_every: '2 hours'"):
         load_config("smoke.yaml", ["train.checkpoint_every=2 hours"])
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_with_the_processes_that_saved_it():
+    """Each process carries on from its own totals (so the epoch's sums keep their order), and the epoch's
+    remaining batches are split as they were: another process count is refused, naming the one to use."""
+    from toolkit.engine import partial_rows
+    from toolkit.errors import ToolkitError
+
+    two = [[8.0, 7.0, 16.0, 0.0], [6.0, 5.0, 16.0, 0.0]]
+    assert partial_rows(two, 2) == two
+    with pytest.raises(ToolkitError, match="saved inside an epoch by 2 processes: resume it with 2 processes"):
+        partial_rows(two, 1)
+    assert partial_rows([14.0, 12.0, 32.0, 0.0], 2) == [[14.0, 12.0, 32.0, 0.0], [0.0] * 4]  # one summed row

@@ -190,9 +190,11 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
     start, steps = run.state.batches_done, len(run.train_loader)
     loader = accelerator.skip_first_batches(run.train_loader, start) if start else run.train_loader
     # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only. A resumed
-    # epoch carries on from the checkpoint's global totals (on the main process only: they are summed).
-    reduced = list(run.state.partial) if start else [0.0] * 4  # the totals at the previous reduce
-    totals = torch.tensor(reduced if accelerator.is_main_process else [0.0] * 4, device=accelerator.device)
+    # epoch carries on from each process's own totals at the checkpoint (summed in the same order as unbroken).
+    rows = partial_rows(run.state.partial, accelerator.num_processes) if start else []
+    reduced = [sum(column) for column in zip(*rows)] if rows else [0.0] * 4  # the totals at the previous reduce
+    totals = torch.tensor(rows[accelerator.process_index] if rows else [0.0] * 4, device=accelerator.device)
+    before = reduced[2]  # images of this epoch trained before this invocation
     global_step = (epoch - 1) * run.steps_per_epoch + num_steps(start, run.cfg.train.grad_accum_steps)
     reporter.start_epoch(epoch, run.cfg.train.epochs, steps)
     t0 = time.perf_counter()
@@ -218,7 +220,7 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
                 hook.after_optimizer_step(run, global_step)
         shown = (0,)
         if reduce_due(step, steps, reporter.log_every) or requests.save_now:  # collective: same steps everywhere
-            now, save, stop = agree(accelerator, totals, requests)
+            now, save, stop, rows = agree(accelerator, totals, requests)
             loss_sum, correct, seen, bad = now
             if bad:  # every process sees the same sum, so all stop together; no checkpoint is written
                 raise non_finite(f"at epoch {epoch}, by step {step}")
@@ -226,7 +228,7 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
                 hook.at_reduce(run, global_step, (loss_sum - reduced[0]) / (seen - reduced[2]), lr)
             reduced = now
             if (save or stop) and accelerator.sync_gradients and step < steps:  # else: at the epoch's end
-                save_mid_epoch(run, epoch, step, now, global_step)
+                save_mid_epoch(run, epoch, step, rows, global_step)
                 if stop:
                     raise Stopped(stop)
             if reporter.wants_stats(step):  # progress of all processes, not process 0's
@@ -235,24 +237,38 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
     reporter.end_epoch()
     elapsed = time.perf_counter() - t0
     loss_sum, correct, seen, _ = accelerator.reduce(totals, reduction="sum").tolist()
-    return loss_sum / seen, correct / seen, seen - (run.state.partial or [0.0] * 4)[2], elapsed
+    return loss_sum / seen, correct / seen, seen - before, elapsed
 
 
-def agree(accelerator: Accelerator, totals: torch.Tensor | None, requests: Requests) -> tuple[list, bool, str]:
+def agree(accelerator: Accelerator, totals: torch.Tensor | None, requests: Requests) -> tuple[list, bool, str, list]:
     """A collective point: `totals` summed over processes, and what every process now does: save if any
-    process was asked to, stop for the strongest reason any was given (kept in `requests` on every process)."""
+    process was asked to, stop for the strongest reason any was given (kept in `requests` on every process);
+    last, every process's own totals (a mid-epoch checkpoint keeps them)."""
     flags = [float(requests.save_now or requests.save_soon), float(STOPS.index(requests.stop))]
     local = torch.tensor([0.0] * 4 + flags, device=accelerator.device)
     if totals is not None:
         local[:4] = totals
     everyone = accelerator.gather(local).view(-1, 6)
     requests.save_soon, requests.stop = bool(everyone[:, 4].max()), STOPS[int(everyone[:, 5].max())]
-    return everyone[:, :4].sum(0).tolist(), requests.save_soon or requests.save_now, requests.stop
+    return (everyone[:, :4].sum(0).tolist(), requests.save_soon or requests.save_now, requests.stop,
+            everyone[:, :4].tolist())
 
 
-def save_mid_epoch(run: Training, epoch: int, step: int, totals: list, global_step: int) -> None:
+def partial_rows(partial: list, num_processes: int) -> list[list[float]]:
+    """The per-process totals of a mid-epoch checkpoint (one row per process; a checkpoint of version 0.x
+    kept one summed row, which the main process carries)."""
+    if partial and not isinstance(partial[0], list):
+        return [list(partial)] + [[0.0] * 4] * (num_processes - 1)
+    if len(partial) != num_processes:
+        raise ToolkitError(f"checkpoints/last was saved inside an epoch by {len(partial)} processes: resume it with "
+                           f"{len(partial)} processes (the epoch's remaining batches are theirs), or from an "
+                           f"epoch's end")
+    return partial
+
+
+def save_mid_epoch(run: Training, epoch: int, step: int, rows: list, global_step: int) -> None:
     """checkpoints/last inside `epoch`, after its batch `step`: --resume continues at the next batch."""
-    run.state.batches_done, run.state.partial = step, totals
+    run.state.batches_done, run.state.partial = step, rows
     t0 = time.perf_counter()
     run.keeper.save_last(run.accelerator, trainer_state(run), global_step)
     run.save_s = time.perf_counter() - t0

@@ -31,8 +31,8 @@ from toolkit.rundir import Meta, RunDir
 class RunState:
     """What trainer_state.json carries between invocations."""
     epoch: int = 0  # epochs completed
-    # A checkpoint inside epoch `epoch + 1`: its batches already trained (per process), and the global
-    # (all processes) on-device totals of those batches, so its metrics line stays that of a whole epoch.
+    # A checkpoint inside epoch `epoch + 1`: its batches already trained (per process), and each process's
+    # on-device totals of those batches (a row per process), so its metrics line stays that of a whole epoch.
     batches_done: int = 0
     partial: list = field(default_factory=list)
     best_val_acc: float = -1.0
