@@ -4,7 +4,8 @@
 # launch/slurm.sbatch run it through srun:
 #   MAIN_ADDR=10.0.0.1 MAIN_PORT=29500 NODE_RANK=R NUM_NODES=2 PROCS_PER_NODE=8 launch/node.sh --config ...
 # (NODE_RANK 0 on the machine at MAIN_ADDR). What it adds to a bare `accelerate launch`:
-# - start-up: the other machines first check that MAIN_ADDR:MAIN_PORT answers, for up to CONNECT_TIMEOUT_S
+# - start-up: node 0 checks that it can listen at MAIN_ADDR:MAIN_PORT (its own address, a free port), the
+#   other machines check that MAIN_ADDR:MAIN_PORT answers, for up to CONNECT_TIMEOUT_S
 #   (60) seconds, and say so in one line (exit 2) instead of torchrun's 10-minute wait; node 0 waits as long
 #   for the others to join (torchrun's rendezvous timeout);
 # - preemption: torchrun ignores SIGUSR1 (it would die of it), the workers take it: checkpoints/last, exit 75;
@@ -17,7 +18,18 @@ here="$(cd "$(dirname "$0")" && pwd)"
 per_node="${PROCS_PER_NODE:-1}"
 wait_s="${CONNECT_TIMEOUT_S:-60}"
 
-if (( NODE_RANK > 0 )); then
+if (( NODE_RANK == 0 )); then  # the main node listens at MAIN_ADDR:MAIN_PORT: is it this machine's, and free?
+  if ! why="$("${PYTHON:-python3}" -c '
+import socket, sys
+try:
+    socket.socket().bind((sys.argv[1], int(sys.argv[2])))
+except OSError as exc:
+    sys.exit(exc.strerror or str(exc))' "$MAIN_ADDR" "$MAIN_PORT" 2>&1)"; then
+    echo "error: node 0 is the main node but cannot listen at $MAIN_ADDR:$MAIN_PORT ($why):" \
+         "MAIN_ADDR/--main_process_ip must be an address of this machine, MAIN_PORT a free port" >&2
+    exit 2
+  fi
+else
   deadline=$(( $(date +%s) + wait_s ))
   until timeout 3 bash -c "exec 3<>/dev/tcp/$MAIN_ADDR/$MAIN_PORT" 2>/dev/null; do
     if (( $(date +%s) >= deadline )); then

@@ -86,6 +86,16 @@ def test_address_wrong_main_address_or_closed_port_is_reported_in_seconds(nodes,
             "--main_process_ip/MAIN_ADDR, MAIN_PORT and that node 0 has started and its port is open")
         assert 3 <= took < 12, took  # the check counts whole seconds
         print(f"{addr}:{port} reported after {took:.1f} s")
+    # node 0 told a main address that is not its own (node 1's): said at once, before torchrun's rendezvous
+    t0 = time.monotonic()
+    launch = _node(nodes, 0, tmp_path, "run", [], tmp_path / "logs" / "node0", MAIN_ADDR=nodes.addrs[1])
+    assert launch.wait(60) == 2
+    took = time.monotonic() - t0
+    assert launch.stderr().rstrip().splitlines()[-1] == (
+        f"error: node 0 is the main node but cannot listen at {nodes.addrs[1]}:{PORT} (Cannot assign requested "
+        "address): MAIN_ADDR/--main_process_ip must be an address of this machine, MAIN_PORT a free port")
+    assert took < 5, took
+    print(f"node 0 given {nodes.addrs[1]}: reported after {took:.1f} s")
 
 
 def test_slurm_two_node_job_preempted_requeues_and_resumes_to_the_reference_weights(slurm, nodes, tmp_path_factory,
