@@ -11,6 +11,10 @@ CONSTRAINTS := constraints.txt
 # machines, still applies): `make test-latest`, or `make test-latest TESTS=...` for some tests.
 LATEST := .venv-latest
 TESTS ?=
+# The suite runs on two workers (pytest-xdist; tests/conftest.py groups what shares a costly fixture):
+# `make test WORKERS=0` runs it in one process.
+WORKERS ?= 2
+PYTEST_WORKERS = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
 # What CI runs against the newest releases after `make test`: the tests that meet Accelerate,
 # pydantic and TorchServe where a new release breaks users (config, user errors under every
 # launcher, the handler and a real TorchServe).
@@ -30,7 +34,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_WORKERS)
 
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow and not distributed and not serve"
@@ -41,7 +45,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e '.[test,onnx]'
 	@newer="$$($(LATEST)/bin/python -m pip freeze --exclude-editable | grep -vxFf $(CONSTRAINTS))"; \
 	  echo "newest releases installed where they differ from $(CONSTRAINTS): $${newer:-none}"
-	PATH="$(CURDIR)/$(LATEST)/bin:$$PATH" $(LATEST)/bin/python -m pytest $(TESTS)
+	PATH="$(CURDIR)/$(LATEST)/bin:$$PATH" $(LATEST)/bin/python -m pytest $(PYTEST_WORKERS) $(TESTS)
 
 test-latest-lane:
 	$(MAKE) test-latest TESTS="$(LANE)"

@@ -110,3 +110,26 @@ def format_runs(tmp_path_factory) -> dict[str, Path]:
         runs[name] = make_run(base / name, "cifar_cnn", 3, 16, seed=3)
         export_model(runs[name], format=name)
     return runs
+
+
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup). A module goes to one worker
+# whole, so its module fixtures are built once; the modules that share a costly session fixture go to the
+# same worker (`demo`: a training, an export and a TorchServe start; `format_runs`: an AOTInductor compile);
+# the longest groups are handed out first, so that neither worker is left with a long one at the end.
+SHARED = ("demo", "format_runs")
+LONGEST = ("demo", "format_runs", "test_cluster.py", "test_kill_resume.py", "test_distributed.py",
+           "test_launch_errors.py", "test_preempt_signals.py", "test_handler.py", "test_precision.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    shared = {}  # module -> the shared fixture one of its tests uses
+    for item in items:
+        shared.setdefault(item.path, next((name for name in SHARED if name in item.fixturenames), None))
+        if shared[item.path] is None:
+            shared[item.path] = next((name for name in SHARED if name in item.fixturenames), None)
+    rank = {}
+    for item in items:
+        group = shared[item.path] or item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
+        rank[item.nodeid] = LONGEST.index(group) if group in LONGEST else len(LONGEST)
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: each module's own order is kept
