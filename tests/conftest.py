@@ -117,7 +117,9 @@ def format_runs(tmp_path_factory) -> dict[str, Path]:
 # same worker (`demo`: a training, an export and a TorchServe start; `format_runs`: an AOTInductor compile);
 # the longest groups are handed out first, so that neither worker is left with a long one at the end.
 SHARED = ("demo", "format_runs")
-LONGEST = ("demo", "format_runs", "test_cluster.py", "test_kill_resume.py", "test_distributed.py",
+# modules that start the same kind of machine-wide service, one at a time: a Slurm cluster in namespaces
+TOGETHER = {"test_cluster.py": "slurm", "test_sweep_slurm.py": "slurm"}
+LONGEST = ("demo", "format_runs", "slurm", "test_gpu_check.py", "test_kill_resume.py", "test_distributed.py",
            "test_launch_errors.py", "test_preempt_signals.py", "test_handler.py", "test_precision.py")
 
 
@@ -129,7 +131,7 @@ def pytest_collection_modifyitems(config, items):
             shared[item.path] = next((name for name in SHARED if name in item.fixturenames), None)
     rank = {}
     for item in items:
-        group = shared[item.path] or item.path.name
+        group = shared[item.path] or TOGETHER.get(item.path.name, item.path.name)
         item.add_marker(pytest.mark.xdist_group(group))
         rank[item.nodeid] = LONGEST.index(group) if group in LONGEST else len(LONGEST)
     items.sort(key=lambda item: rank[item.nodeid])  # stable: each module's own order is kept

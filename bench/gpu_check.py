@@ -1,0 +1,294 @@
+"""The prepared GPU check (bench/gpu_check.sh runs it once .venv is set up): every CUDA path of the toolkit,
+proved and measured in a few minutes whenever a GPU is lent.
+
+    python bench/gpu_check.py OUT_DIR                 # on a GPU machine: fails (exit 1) on any failed check
+    python bench/gpu_check.py OUT_DIR --cpu-dry-run   # the same steps on the CPU, tiny (the suite runs this)
+
+Steps: the device as torch sees it; configs/digits.yaml and a CIFAR-shaped synthetic task trained in each
+precision (auto, bf16, fp16 with its gradient scaler; the CPU dry run: auto, and bf16 on the CIFAR-shaped
+task only, since the toolkit refuses fp16 on a CPU) with accuracy above chance, peak device memory and images/s; a resume that must end
+with the weights of an uninterrupted run (fp32); images/s of the in-memory path, the DataLoader path over
+PNG files and a plain PyTorch loop of the same model; two processes through `accelerate launch` (NCCL on
+GPUs, gloo in the dry run); every export format, archived, served by TorchServe, answered for real image
+files with the top-1 of the CPU, and requests/s at concurrency 8. Writes OUT_DIR/gpu_check.json (every figure)
+and OUT_DIR/summary.txt."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CHANCE = {"digits": 0.1, "cifar_shape": 0.25}
+
+
+class Check:
+    """The record of one step: passed, failed (the reason) or skipped (the reason), with its figures."""
+
+    def __init__(self, results: list, name: str):
+        self.results, self.name, self.figures, self.status, self.why = results, name, {}, "passed", ""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        print(f"\n== {self.name}", flush=True)
+        return self
+
+    def fail(self, why: str) -> None:
+        self.status, self.why = "failed", why
+
+    def skip(self, why: str) -> None:
+        self.status, self.why = "skipped", why
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None:
+            self.fail(f"{kind.__name__}: {exc}")
+            traceback.print_exception(kind, exc, tb)
+        self.figures["seconds"] = round(time.perf_counter() - self.t0, 2)
+        self.results.append({"check": self.name, "status": self.status, "why": self.why, **self.figures})
+        print(f"   {self.status}{': ' + self.why if self.why else ''} {json.dumps(self.figures)}", flush=True)
+        return True  # the next check runs
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(out: Path, name: str, config: str, *overrides: str) -> tuple[Path, dict, float]:
+    """Train in this process; (run dir, summary, peak device memory in MiB, 0 on a CPU)."""
+    from toolkit.config_io import load_config
+    from toolkit.engine import train as engine_train
+
+    cfg = load_config(ROOT / "configs" / config, [f"train.output_dir={out}", f"train.run_name={name}",
+                                                 "train.overwrite=true", *overrides])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        summary = engine_train(cfg)
+    finally:
+        reset_accelerate()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return cfg.run_dir, summary, round(peak, 1)
+
+
+def device_check(results: list, dry: bool) -> None:
+    with Check(results, "device") as c:
+        c.figures.update(torch=torch.__version__, cuda=torch.version.cuda, gpus=torch.cuda.device_count())
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            c.figures.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                             capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+        elif not dry:
+            c.fail("no CUDA device visible to torch (use --cpu-dry-run to run the steps on the CPU)")
+
+
+def precision_checks(results: list, out: Path, dry: bool, sizes: dict) -> None:
+    tasks = {"digits": ("digits.yaml", [f"train.epochs={sizes['epochs']}"]),
+             "cifar_shape": ("smoke.yaml", ["data.image_size=32", "data.num_classes=4",
+                                            f"data.synthetic_samples={sizes['synthetic']}", "model.name=cifar_cnn",
+                                            f"train.epochs={sizes['epochs']}", "data.batch_size=32"])}
+    for task, (config, overrides) in tasks.items():
+        # the dry run's bf16 (emulated, slow, on CPUs without AVX512-BF16) on the small task only
+        for precision in ["auto"] + ([] if dry and task == "digits" else ["bf16"]) + ([] if dry else ["fp16"]):
+            with Check(results, f"train {task} {precision}") as c:
+                run_dir, summary, peak = train(out, f"{task}-{precision}", config, *overrides,
+                                               f"train.mixed_precision={precision}")
+                c.figures.update(val_acc=round(summary["best_val_acc"], 4), precision=summary["mixed_precision"],
+                                 images_per_s=round(summary["train_images_per_s"], 1), peak_mib=peak)
+                if precision == "fp16":
+                    scaler = run_dir / "checkpoints" / "last" / "scaler.pt"
+                    c.figures["scaler_scale"] = float(torch.load(scaler, weights_only=True)["scale"]) \
+                        if scaler.is_file() else None
+                    if c.figures["scaler_scale"] is None:
+                        c.fail("fp16 run has no gradient scaler in its resume state")
+                if summary["best_val_acc"] <= CHANCE[task] + 0.1:
+                    c.fail(f"val accuracy {summary['best_val_acc']:.3f} is not above chance ({CHANCE[task]})")
+    if dry:
+        results.append({"check": "train fp16", "status": "skipped", "why": "the toolkit refuses fp16 on a CPU"})
+
+
+def resume_check(results: list, out: Path, sizes: dict) -> None:
+    from safetensors.torch import load_file
+
+    common = ["model.name=bn_cnn", "data.augment.crop_padding=2", "data.augment.hflip=true",
+              "train.mixed_precision=no", f"train.epochs={sizes['epochs'] + 1}", "data.synthetic_samples=512"]
+    with Check(results, "resume exact (fp32)") as c:
+        straight, _, _ = train(out, "straight", "smoke.yaml", *common)
+        train(out, "parts", "smoke.yaml", *common, "train.stop_after=1")
+        parts, summary, _ = train(out, "parts", "smoke.yaml", *common, "train.resume=true", "train.overwrite=false")
+        a, b = (load_file(d / "checkpoints" / "last" / "model.safetensors") for d in (straight, parts))
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        c.figures.update(max_abs_diff=diff, epochs=summary["epochs_completed"])
+        if diff != 0.0:
+            c.fail(f"resumed weights differ from the uninterrupted run's (max {diff:.3g}): on a GPU, a kernel "
+                   "that is not deterministic (cuDNN) can do this; on a CPU it is a bug")
+
+
+def throughput_check(results: list, out: Path, sizes: dict) -> None:
+    from PIL import Image
+
+    from toolkit.models import build_model
+
+    with Check(results, "images/s: in memory, DataLoader, plain loop") as c:
+        n = sizes["synthetic"]
+        memory = ["data.image_size=32", "data.num_classes=4", f"data.synthetic_samples={n}", "data.batch_size=64",
+                  "model.name=cifar_cnn", "train.epochs=1", "train.mixed_precision=no"]
+        _, summary, _ = train(out, "in-memory", "smoke.yaml", *memory)
+        c.figures["in_memory"] = round(summary["train_images_per_s"], 1)
+        folder = out / "pngs"
+        generator = torch.Generator().manual_seed(0)
+        for i in range(n):
+            label = i % 4
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 64 + 48 * label).clamp(0, 255).to(torch.uint8)
+            (folder / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.numpy()).save(folder / str(label) / f"{i}.png")
+        loader = [*memory, "data.name=imagefolder", f"data.root={folder}", "data.pipeline=loader",
+                  "data.num_workers=2", "data.channels=3", "model.args={}"]
+        _, summary, _ = train(out, "loader", "smoke.yaml", *loader)
+        c.figures["dataloader"] = round(summary["train_images_per_s"], 1)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_model("cifar_cnn", 4, 3, 32).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+        images, labels = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 4, (64,), device=device)
+        steps = max(n // 64, 4)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for step in range(steps + 2):  # two warm-up steps
+            if step == 2:
+                sync()
+                t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        sync()
+        c.figures["plain_loop"] = round(steps * 64 / (time.perf_counter() - t0), 1)
+
+
+def two_process_check(results: list, out: Path, dry: bool) -> None:
+    with Check(results, "two processes (accelerate launch)") as c:
+        if not dry and torch.cuda.device_count() < 2:
+            c.skip("one GPU: NCCL does not run two ranks of one job on the same device")
+            return
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "1"} if dry else {})}
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               str(ROOT / "toolkit" / "train.py"), "--config", "smoke.yaml", "--set", f"train.output_dir={out}",
+               "--set", "train.run_name=two", "--set", "train.overwrite=true", "--set", "train.epochs=1"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            c.fail(f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}")
+            return
+        summary = json.loads((out / "two" / "summary.json").read_text())
+        c.figures.update(num_processes=summary["num_processes"], val_samples=summary["val_samples"],
+                         backend="gloo" if dry else "nccl", images_per_s=round(summary["train_images_per_s"], 1))
+        if summary["num_processes"] != 2 or summary["val_samples"] != 128:
+            c.fail(f"{summary['num_processes']} processes, {summary['val_samples']} validation images (2, 128 expected)")
+
+
+def serving_checks(results: list, out: Path, sizes: dict) -> None:
+    from toolkit.archive import build_archive
+    from toolkit.client import send_bytes
+    from toolkit.export import FORMATS, export_model
+    from toolkit.predict import predict_export
+    from toolkit.samples import write_samples
+    from toolkit.server import read_token, start_server, stop_server
+
+    run_dir = out / "digits-auto"
+    files = write_samples(run_dir, out / "samples", count=sizes["images"])
+    expected = {}
+    for fmt in FORMATS:
+        with Check(results, f"export {fmt}") as c:
+            export_model(run_dir, format=fmt)
+            expected[fmt] = [max(a, key=a.get) for a in predict_export(run_dir / "export", files)]
+            build_archive(run_dir, name=f"check_{fmt}")
+            c.figures["parity"] = json.loads((run_dir / "export" / "parity.json").read_text())
+    # TorchServe's unix sockets live in its state directory: a short path, whatever OUT_DIR is
+    port, state = free_port_block(), Path(tempfile.mkdtemp(prefix="gpucheck-"))
+    with Check(results, "TorchServe start") as c:
+        start_server(run_dir / "model-store", port=port, models=[f"check_{f}" for f in expected], state_root=state)
+    try:
+        token = read_token(port, state_root=state)
+        bodies = [f.read_bytes() for f in files]
+        for fmt, top1 in expected.items():
+            with Check(results, f"serve {fmt}") as c:
+                url = f"http://127.0.0.1:{port}/predictions/check_{fmt}"
+                answers = [send_bytes(url, body, token) for body in bodies]
+                served = [max(a, key=a.get) if s == 200 else f"HTTP {s}" for s, a in answers]
+                c.figures["same_top1_as_cpu"] = f"{sum(a == b for a, b in zip(served, top1))}/{len(top1)}"
+                if served != top1:
+                    c.fail(f"served top-1 {served} differ from the CPU's {top1}")
+                t0, count = time.perf_counter(), sizes["requests"]
+                with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                    codes = list(pool.map(lambda i: send_bytes(url, bodies[i % len(bodies)], token)[0], range(count)))
+                c.figures.update(requests_per_s_c8=round(count / (time.perf_counter() - t0), 1),
+                                 errors=sum(code != 200 for code in codes))
+                if c.figures["errors"]:
+                    c.fail(f"{c.figures['errors']} of {count} requests failed")
+    finally:
+        stop_server(port, state_root=state)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def free_port_block(size: int = 5) -> int:
+    """The first port p from 18480 with p..p+size-1 free on loopback (TorchServe takes five)."""
+    import socket
+
+    for base in range(18480, 19480, 10):
+        try:
+            taken = [socket.create_server(("127.0.0.1", base + i)) for i in range(size)]
+        except OSError:
+            continue
+        for s in taken:
+            s.close()
+        return base
+    raise RuntimeError("no free block of 5 ports on 127.0.0.1 from 18480")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--cpu-dry-run", action="store_true", help="the same steps on the CPU, tiny")
+    args = p.parse_args()
+    dry, out = args.cpu_dry_run, args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = ({"epochs": 1, "synthetic": 512, "images": 4, "requests": 16} if dry else
+             {"epochs": 3, "synthetic": 8192, "images": 16, "requests": 400})
+    results: list = []
+    t0 = time.perf_counter()
+    device_check(results, dry)
+    if results[0]["status"] == "passed":
+        precision_checks(results, out / "runs", dry, sizes)
+        resume_check(results, out / "runs", sizes)
+        throughput_check(results, out / "runs", sizes)
+        two_process_check(results, out / "runs", dry)
+        serving_checks(results, out / "runs", sizes)
+    failed = [r for r in results if r["status"] == "failed"]
+    report = {"mode": "cpu dry run" if dry else "gpu", "wall_s": round(time.perf_counter() - t0, 1),
+              "failed": len(failed), "checks": results}
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    lines = [f"{r['status']:8} {r['check']}: " + ", ".join(f"{k} {v}" for k, v in r.items()
+                                                           if k not in ("check", "status", "why"))
+             + (f" ({r['why']})" if r.get("why") else "") for r in results]
+    lines.append(f"{len(failed)} failed of {len(results)} checks in {report['wall_s']} s ({report['mode']})")
+    (out / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
