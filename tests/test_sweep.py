@@ -145,7 +145,7 @@ def test_compare_of_the_sweep_lists_its_four_runs_best_first_and_draws_them_apar
     for run in runs:
         lr, batch = run["name"].split(",")
         assert run["values"] == {"data.batch_size": int(batch.split("=")[1]), "optim.lr": float(lr.split("=")[1])}
-        assert run["label"] == f"batch_size={batch.split('=')[1]},lr={float(lr.split('=')[1]):g}"
+        assert run["label"] == f"batch_size={batch.split('=')[1]}, lr={float(lr.split('=')[1]):g}"
         history = read_jsonl(out / run["name"] / "metrics.jsonl")
         assert run["final_val_acc"] == history[-1]["val_acc"] and run["status"] == "complete"
         assert run["best_val_acc"] == max(m["val_acc"] for m in history) and run["epochs"] == 3

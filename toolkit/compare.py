@@ -62,7 +62,7 @@ def compare(paths: list[Path]) -> dict:
     short = short_names(keys)
     for run in runs:
         run["values"] = {k: run["config"].get(k) for k in keys}
-        run["label"] = ",".join(f"{short[k]}={_show(v)}" for k, v in run["values"].items()) or run["name"]
+        run["label"] = ", ".join(f"{short[k]}={_show(v)}" for k, v in run["values"].items()) or run["name"]
     runs.sort(key=lambda r: -1 if r["best_val_acc"] is None else r["best_val_acc"], reverse=True)
     return {"differing": keys, "runs": runs}
 
@@ -115,7 +115,9 @@ def figure(result: dict):
         ax.set_xlabel("Epoch")
         ax.grid(True, alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.legend(loc="outside lower center", ncols=min(4, max(1, len(result["runs"]))), fontsize=9,
+    longest = max(len(line.get_label()) for line in acc_ax.get_lines())
+    columns = max(1, min(len(result["runs"]), int(1100 // (7.5 * longest + 50))))  # as many as fit the width
+    fig.legend(loc="outside lower center", ncols=columns, fontsize=9,
                title=", ".join(result["differing"]) or None)
     return fig
 
