@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -150,3 +149,17 @@ def test_compare_of_the_sweep_lists_its_four_runs_best_first_and_draws_them_apar
         assert run["final_val_acc"] == history[-1]["val_acc"] and run["status"] == "complete"
         assert run["best_val_acc"] == max(m["val_acc"] for m in history) and run["epochs"] == 3
         assert run["images_per_s"] > 0 and run["wall_s"] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_each_point_runs_under_the_launcher_given(tmp_path):
+    """--launch launch/cpu.sh: the point is a two-process run (one point, one epoch: the launcher is the point)."""
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", *TINY, "--set", "train.epochs=1", "--out", str(out), "--grid", "optim.lr=2e-3",
+                     "--launch", str(ROOT / "launch" / "cpu.sh"),
+                     env={"NUM_PROCESSES": "2", "OMP_NUM_THREADS": "1", "ACCELERATE": str(BIN / "accelerate")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((out / "lr=2e-3" / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["num_processes"] == 2 and summary["val_samples"] == 898
+    assert "sweep: lr=2e-3: done (exit status 0" in result.stdout

@@ -5,7 +5,6 @@ warning) in its middle, saves, exits 75, requeues itself and resumes; `--status`
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile

@@ -5,7 +5,6 @@ run starts, naming the extra that installs it; old single-name configs still rea
 
 from __future__ import annotations
 
-import builtins
 import json
 
 import pytest
@@ -56,6 +55,7 @@ def _wandb_records(run_dir):
     return history, config
 
 
+@pytest.mark.slow
 def test_one_run_logs_to_tensorboard_mlflow_and_wandb_offline_and_each_reads_back(tmp_path, monkeypatch):
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
