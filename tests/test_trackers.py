@@ -75,6 +75,13 @@ def test_one_run_logs_to_tensorboard_mlflow_and_wandb_offline_and_each_reads_bac
     assert [e.value for e in tb.Scalars("epoch/val_acc")] == pytest.approx(
         [json.loads(line)["val_acc"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
 
+    import csv
+
+    with open(run_dir / "metrics.csv", newline="") as f:  # metrics.jsonl as a table, beside it
+        table = list(csv.DictReader(f))
+    assert [float(row["val_acc"]) for row in table] == pytest.approx([e.value for e in tb.Scalars("epoch/val_acc")])
+    assert [row["epoch"] for row in table] == ["1", "2"] and "images_per_s" in table[0]
+
     client = mlflow.tracking.MlflowClient(store.as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "tracked"]
     (found,) = client.search_runs([experiment.experiment_id])

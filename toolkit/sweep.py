@@ -10,6 +10,7 @@ import fcntl
 import itertools
 import json
 import math
+import os
 import random
 import re
 from contextlib import contextmanager
@@ -192,9 +193,23 @@ class Sweep:
         return [self.path / r["name"] for r in self.read()["runs"]]
 
     def states(self) -> list[tuple[dict, str]]:
-        """Each run with its state: done when its run directory says it finished, else as recorded."""
-        return [(run, "done" if RunDir(self.path / run["name"]).is_finished() else run.get("state", "pending"))
+        """Each run with its state: done when its run directory says it finished, else as recorded, except
+        that a run recorded as running whose process (on this host) is gone was stopped (a SIGKILL, say)."""
+        return [(run, "done" if RunDir(self.path / run["name"]).is_finished() else
+                 "stopped" if run.get("state") == "running" and _gone(run) else run.get("state", "pending"))
                 for run in self.read()["runs"]]
+
+
+def _gone(run: dict) -> bool:
+    if run.get("host") != os.uname().nodename or not run.get("pid"):
+        return False  # another machine's process: not ours to see
+    try:
+        os.kill(run["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def status_table(sweep: Sweep):

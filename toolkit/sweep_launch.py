@@ -65,7 +65,7 @@ def run_point(sweep: Sweep, data: dict, run: dict, launch: str | None = None, **
     print(f"sweep: {run['name']}: {verb}", flush=True)
     t0 = time.monotonic()
     proc = subprocess.Popen(train_command(data, run, launch))
-    sweep.update(run["name"], state="running", pid=proc.pid, **where)
+    sweep.update(run["name"], state="running", pid=proc.pid, **{"host": os.uname().nodename, **where})
     status = wait_through_interrupts(proc)
     state = "done" if status == 0 and layout.is_finished() else "stopped" if status == EXIT_RESUME else "failed"
     sweep.update(run["name"], state=state, exit_status=status, wall_s=round(time.monotonic() - t0, 1))
