@@ -163,3 +163,21 @@ def test_each_point_runs_under_the_launcher_given(tmp_path):
     summary = json.loads((out / "lr=2e-3" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["num_processes"] == 2 and summary["val_samples"] == 898
     assert "sweep: lr=2e-3: done (exit status 0" in result.stdout
+
+
+def test_status_sees_a_killed_run_and_a_directory_holds_one_sweep(tmp_path, capsys):
+    from toolkit.sweep import Sweep
+
+    out = tmp_path / "s"
+    planned = plan("digits.yaml", [FP32], ["optim.lr=2e-3,5e-4"], out=str(out))
+    sweep = Sweep(out)
+    assert sweep.create(planned) == planned and sweep.create(plan("digits.yaml", [FP32], ["optim.lr=2e-3,5e-4"],
+                                                                  out=str(out))) == planned  # a rerun
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sweep.update("lr=2e-3", state="running", pid=dead.pid, host=os.uname().nodename)
+    sweep.update("lr=5e-4", state="running", pid=os.getpid(), host=os.uname().nodename)
+    code, shown, _ = run_main(capsys, "sweep", "--status", str(out))
+    assert code == 0 and shown.rstrip().endswith("1 running, 1 stopped"), shown
+    code, _, err = run_main(capsys, "sweep", "--config", "digits.yaml", "--out", str(out), "--grid", "optim.lr=1e-2")
+    assert code == 2 and f"{out.resolve()} holds another sweep" in err
