@@ -82,8 +82,8 @@ def test_only_the_main_process_prints_and_writes(reference):
                  "epoch 1/3 step 5/8 loss", "epoch 3/3 step 8/8 loss", "Epoch [1/3]", "Epoch [3/3]"):
         assert result.stdout.count(line) == 1, line
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "plots",
-                                                        "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv", "metrics.jsonl",
+                                                        "plots", "summary.json"]
     summary, metrics = _summary(run_dir), read_jsonl(run_dir / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]  # one line per epoch, not one per process
     assert summary["num_processes"] == 2 and summary["effective_batch_size"] == 64  # 32 x 2 processes x 1

@@ -79,7 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = serve_sub.add_parser(name)
         cmd.add_argument("--port", type=int, default=8080)
         cmd.add_argument("--state-root", type=Path)
+    _sweep_parser(sub)
+    _compare_parser(sub)
     return parser
+
+
+def _sweep_parser(sub) -> None:
+    sweep = sub.add_parser("sweep", help="train every combination of config values (--grid), or random draws (--random N): "
+                                         "one run each under one sweep directory; here, or as a Slurm job array")
+    _config_args(sweep, required=False)
+    sweep.add_argument("--grid", "-g", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a key and its values (repeatable; the runs are every combination): --grid optim.lr=1e-3,3e-4; "
+                            "with --random also KEY=log_uniform(LOW,HIGH), uniform(LOW,HIGH), int_uniform(LOW,HIGH)")
+    sweep.add_argument("--random", type=int, metavar="N", help="N random draws from the --grid values and ranges instead of the grid")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the --random draws")
+    sweep.add_argument("--out", help="the sweep directory (default: train.output_dir/<config name>-sweep)")
+    sweep.add_argument("--launch", metavar="COMMAND", help='launcher of each run: "accelerate launch --config_file ..." '
+                                                          '(gets toolkit/train.py) or launch/cpu.sh (gets train\'s arguments)')
+    sweep.add_argument("--dry-run", action="store_true", help="validate and list the runs; start nothing")
+    sweep.add_argument("--status", metavar="DIR", help="show which runs of the sweep in DIR are done, running, pending or failed")
+    sweep.add_argument("--point", nargs=2, metavar=("DIR", "INDEX"), help=argparse.SUPPRESS)  # a job array's task
+    sweep.add_argument("--slurm", nargs=argparse.REMAINDER, metavar="SBATCH_OPTION",
+                       help="submit one Slurm job array (one task per run) instead; everything after --slurm goes to sbatch")
+
+
+def _compare_parser(sub) -> None:
+    compare = sub.add_parser("compare", help="compare runs: a table of what differs and how they did, and compare.png of their curves")
+    compare.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP", help="run directories and sweep directories")
+    compare.add_argument("--json", action="store_true", help="print the comparison as JSON instead (no table, no picture)")
+    compare.add_argument("--out", type=Path, help="a directory to write compare.png in, or a .png file (default: the sweep directory if one "
+                                                  "is given, else the current directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +232,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
+def cmd_sweep(args) -> int:
+    from toolkit import sweep_launch
+    from toolkit.sweep import Sweep, plan, status_table
+
+    if args.status or args.point:
+        if args.status:
+            from rich.console import Console
+
+            table, line = status_table(Sweep(args.status))
+            Console().print(table)
+            print(line)
+            return 0
+        return sweep_launch.run_task(args.point[0], int(args.point[1]), args.launch)
+    if args.config is None:
+        raise ToolkitError("toolkit sweep needs --config FILE and --grid KEY=V1,V2 (or --status DIR)")
+    planned = plan(args.config, args.overrides, args.grid, args.random, args.seed, args.out)
+    if args.dry_run:
+        for run in planned["runs"]:
+            print(f"{planned['dir']}/{run['name']}")
+        print(f"{len(planned['runs'])} runs, all valid; nothing started (--dry-run)")
+        return 0
+    sweep = Sweep(planned["dir"])
+    sweep.create(planned)
+    if args.slurm is not None:
+        sweep_launch.submit_array(sweep, args.slurm, args.launch)
+        return 0
+    return sweep_launch.run_local(sweep, args.launch)
+
+
+def cmd_compare(args) -> int:
+    from toolkit.compare import compare_command
+
+    compare_command(args.paths, as_json=args.json, out=args.out)
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "compare": cmd_compare, "train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
             "evaluate": cmd_evaluate, "samples": cmd_samples, "predict": cmd_predict, "serve": cmd_serve}
 
 

@@ -142,7 +142,7 @@ class ScheduleConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0, description="Number of epochs.")
-    run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run directory name under output_dir; null = the config file's name.")
+    run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._,=+-]*$", description="Run directory name under output_dir (letters, digits and . _ - , = +; toolkit sweep names runs lr=3e-4,batch_size=64); null = the config file's name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="Autocast precision. auto: bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp16 on CUDA without bf16, else no; the start-up line and summary.json say which. fp16 needs CUDA (with a gradient scaler).")
     eval_precision: Literal["fp32", "train"] = Field("fp32", description="Precision of validation, hence of best_val_acc, the best checkpoint and early stopping. fp32: the model as `toolkit evaluate`, `toolkit predict`, the export and TorchServe run it, whatever the training precision; train: the training autocast (faster, but the figures are not those of the served model). metrics.jsonl and summary.json say which was used.")
@@ -159,7 +159,8 @@ class TrainConfig(Section):
     collective_timeout_s: float = Field(300, gt=0, description="Seconds a process waits in a collective (gradients, barriers, checkpoint saves) for the others before it gives up: a dead node stops the run within this time with one message, instead of the process group's 30-minute default.")
     log_every: int = Field(50, gt=0, description="Steps between progress lines when stdout is not a terminal (a cluster log); each epoch's last step is always shown.")
     log_every_s: float = Field(30, ge=0, description="Also a progress line when this many seconds passed since the last one (stdout not a terminal), so a slow epoch shows life; 0 = steps only.")
-    log_with: Literal["none", "tensorboard"] = Field("none", description="Experiment tracker (through Accelerate) writing under the run directory.")
+    log_with: list[Literal["tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive"]] = Field([], description="Experiment trackers (Accelerate's) the run logs to, main process only: scalars at the reduce cadence, each epoch's metrics, the resolved config as hyperparameters. Each but tensorboard is an extra: pip install 'toolkit[mlflow,wandb]'. tensorboard writes RUN/tensorboard/; mlflow MLFLOW_TRACKING_URI's store, else RUN/mlruns/; wandb RUN/wandb/ (WANDB_MODE=offline to stay offline). `none` or a single name also read.")
+    tracker_project: Optional[str] = Field(None, description="The trackers' project: TensorBoard's subdirectory, MLflow's experiment, W&B's project; null = the run name. Give sweeps' runs one project to see them together.")
     device: Literal["auto", "cpu"] = Field("auto", description="auto: CUDA or MPS when present, else CPU; cpu: always the CPU.")
     channels_last: bool = Field(True, description="channels_last memory format for model and batches (faster convolutions on CPUs and tensor-core GPUs; checkpoints and export are unaffected).")
     compile: bool = Field(False, description="torch.compile the model (checkpoints and export stay plain).")
@@ -171,6 +172,14 @@ class TrainConfig(Section):
         # a bare number (`checkpoint_every: 500`, `--set train.checkpoint_every=500`) counts steps
         bare = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
         return f"{value} steps" if bare else value
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        # a single name (`log_with: tensorboard`), and `none` or null for none, as before lists
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

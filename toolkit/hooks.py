@@ -65,19 +65,21 @@ class Tracker(Hook):
     sync per step): `Loss/train` and `lr` every reduce, `epoch/*` every epoch, the config as hparams."""
 
     def on_start(self, run: Training) -> None:
-        run.accelerator.init_trackers(run.cfg.train.run_name or "run", config=flat_hparams(run.cfg))
+        from toolkit.trackers import init_kwargs, project_name
+
+        run.accelerator.init_trackers(project_name(run.cfg), config=flat_hparams(run.cfg.resolved()), init_kwargs=init_kwargs(run.cfg))
 
     def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
         run.accelerator.log({"Loss/train": loss, "lr": lr}, step=global_step)
 
     def after_epoch(self, run: Training, metrics: dict) -> None:
-        run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch"},
+        run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch" and not isinstance(v, str)},
                             step=metrics["epoch"] * run.steps_per_epoch)
 
 
 def default_hooks(cfg) -> list[Hook]:
     """The hooks the config asks for."""
-    return [Tracker()] if cfg.train.log_with != "none" else []
+    return [Tracker()] if cfg.train.log_with else []
 
 
 def flat_hparams(cfg) -> dict:

@@ -21,7 +21,7 @@ from toolkit.rundir import RunDir
 # schedule in checkpoints/last, or the data stream the run is part-way through.
 RESUMABLE = (
     "train.epochs", "train.patience", "train.log_every", "train.log_every_s",
-    "train.log_with", "train.num_threads", "train.compile", "train.checkpoint_every", "train.preempt_signals",
+    "train.log_with", "train.tracker_project", "train.num_threads", "train.compile", "train.checkpoint_every", "train.preempt_signals",
     "train.collective_timeout_s", "data.root", "data.download", "data.num_workers",
     "data.eval_batch_size", "serve.",
 )

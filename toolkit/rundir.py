@@ -5,6 +5,7 @@ exports (export/) and archives (archive.py) are written under the directories th
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from toolkit.errors import ToolkitError
 
 CONFIG = "config.yaml"  # the resolved config the run was trained with
 METRICS = "metrics.jsonl"  # one JSON object per finished epoch
+METRICS_CSV = "metrics.csv"  # the same as a table (spreadsheets, pandas), rewritten with it
 SUMMARY = "summary.json"  # written when a run stops, whatever the reason
 RESUMES = "resumes.jsonl"  # one JSON object per resume that changed the config: what changed, when
 CHECKPOINTS = "checkpoints"
@@ -32,7 +34,7 @@ META_VERSION = 1
 
 
 class RunDir:
-    """One run directory: RUN/config.yaml, metrics.jsonl, summary.json, checkpoints/, plots/,
+    """One run directory: RUN/config.yaml, metrics.jsonl (and .csv), summary.json, checkpoints/, plots/,
     export/, model-store/, eval/, tensorboard/."""
 
     def __init__(self, path: str | Path):
@@ -43,6 +45,7 @@ class RunDir:
 
     config_file = property(lambda self: self.path / CONFIG)
     metrics_file = property(lambda self: self.path / METRICS)
+    metrics_csv = property(lambda self: self.path / METRICS_CSV)
     summary_file = property(lambda self: self.path / SUMMARY)
     resumes_file = property(lambda self: self.path / RESUMES)
     checkpoints = property(lambda self: self.path / CHECKPOINTS)
@@ -91,9 +94,19 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_csv()
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         self.metrics_file.write_text("".join(json.dumps(m) + "\n" for m in history))
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        """metrics.csv from metrics.jsonl, a column per key any epoch has (a few rows: rewritten whole)."""
+        rows = [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        with open(self.metrics_csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, list(dict.fromkeys(key for row in rows for key in row)))
+            writer.writeheader()
+            writer.writerows(rows)
 
     def write_summary(self, summary: dict) -> None:
         self.summary_file.write_text(json.dumps(summary, indent=2))
@@ -110,7 +123,7 @@ class RunDir:
 
     def forget_progress(self) -> None:
         """Remove metrics, summary and checkpoints (a run restarted from the beginning)."""
-        for target in (self.metrics_file, self.summary_file, self.resumes_file, self.checkpoints):
+        for target in (self.metrics_file, self.metrics_csv, self.summary_file, self.resumes_file, self.checkpoints):
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 

@@ -15,6 +15,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, launched_world_size, report
 from toolkit.rundir import RunDir
+from toolkit.trackers import tracker_names
 
 
 MALLOC_OVERRIDES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD")
@@ -73,7 +74,7 @@ def make_accelerator(cfg: RunConfig) -> Accelerator:
     precision, _ = resolve_precision(cfg)
     return Accelerator(
         cpu=t.device == "cpu", mixed_precision=precision, gradient_accumulation_steps=t.grad_accum_steps,
-        log_with="tensorboard" if t.log_with == "tensorboard" else None,
+        log_with=tracker_names(cfg),  # toolkit/trackers.py: each checked to be installed
         project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(RunDir(cfg.run_dir).tensorboard)),
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         # a dead peer stops a collective after this, not after the process group's 30-minute default
