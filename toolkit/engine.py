@@ -25,6 +25,7 @@ from toolkit.progress import Reporter, data_line, epoch_line, upsampling_note
 from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
+from toolkit.summary import trainer_state, write_summary
 from toolkit.data import num_steps
 from toolkit.training import Training, build_training, prepare_run_dir
 from toolkit.validation import evaluate, sync_buffers
@@ -265,34 +266,3 @@ def non_finite(where: str) -> NonFiniteLoss:
     return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
                          "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
                          "train.clip_grad_norm, or check the data.")
-
-
-def trainer_state(run: Training) -> dict:
-    """trainer_state.json: the run state, with the wall time of every invocation so far."""
-    return {**run.state.__dict__, "wall_s": run.state.wall_s + time.perf_counter() - run.t0}
-
-
-def write_summary(run: Training, status: str) -> dict:
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    history = state.history
-    rates = [m["images_per_s"] for m in history]
-    summary = {
-        "status": status, "best_val_acc": max(state.best_val_acc, 0.0), "best_epoch": state.best_epoch,
-        "epochs_completed": state.epoch, "epochs": cfg.train.epochs, "stopped_early": state.stopped_early,
-        "val_samples": history[-1]["val_samples"] if history else 0,
-        "final_val_acc": history[-1]["val_acc"] if history else None,
-        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-        "eval_precision": history[-1]["eval_precision"] if history else None,
-        "channels_last": cfg.train.channels_last, "effective_batch_size": run.effective_batch_size,
-        "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
-        "wall_s": state.wall_s + time.perf_counter() - run.t0, "device": accelerator.device.type,
-        "batches_done": state.batches_done, "last_save_s": run.save_s,  # where a mid-epoch stop saved, how fast
-    }
-    if accelerator.is_main_process:
-        run.layout.write_summary(summary)
-        if history:
-            from toolkit.report import plot_curves
-
-            plot_curves(history, run.layout.curves)
-    return summary
-
