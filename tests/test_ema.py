@@ -4,6 +4,8 @@ state: a run stopped mid-epoch and resumed ends bit-identical to one never stopp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -80,6 +82,7 @@ def test_ema_equals_the_reference_by_hand_and_is_what_best_holds(tmp_path):
     # best is chosen by the EMA's accuracy and holds the EMA's weights of that epoch
     best_epoch = max(metrics, key=lambda m: m["val_acc_ema"])["epoch"]
     assert summary["best_epoch"] == best_epoch and summary["best_val_acc"] == metrics[best_epoch - 1]["val_acc_ema"]
+    assert json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())["ranked_by"] == "val_acc_ema"
     at_best = by_hand(recorder.states, 0.8, 5, 12 * best_epoch)
     for key, value in best_weights(run_dir).items():
         if value.is_floating_point():

@@ -121,7 +121,7 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
             module, ranked_by = served(run, hooks)  # what checkpoints/best holds, and its val accuracy
             improved = state.record(metrics, cfg.train.patience, ranked_by)
             step = epoch * run.steps_per_epoch
-            meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics[ranked_by]})
+            meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics[ranked_by], "ranked_by": ranked_by})
             if improved and main:
                 run.keeper.save_best(module, meta, step)
             for hook in hooks:
