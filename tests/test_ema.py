@@ -134,3 +134,22 @@ def test_ema_of_two_processes_resumed_is_bit_identical_to_an_uninterrupted_run(t
     _equal(ema_state(parts), ema_state(straight))
     _equal(best_weights(parts), best_weights(straight))
     assert ema_state(parts)["updates"] == 24
+
+
+@pytest.mark.distributed
+def test_ema_is_identical_on_both_processes_where_it_is_validated_and_saved(tmp_path):
+    """rank_probe.py copies, on each process, the module each epoch's checkpoints/best would hold: with
+    train.ema on, the EMA (weights and BatchNorm statistics, the latter the main process's, as validated)."""
+    from launching import ROOT, command, run
+
+    overrides = [*COMMON, "data.synthetic_samples=160"]
+    result = run(command(tmp_path / "runs", "run", overrides, script=ROOT / "tests" / "rank_probe.py",
+                         script_args=[str(tmp_path / "ranks")]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert len(ranks[0]["served"]) == len(ranks[1]["served"]) == 2
+    for mine, theirs in zip(ranks[0]["served"], ranks[1]["served"]):
+        _equal(mine, theirs)
+    final, raw = ranks[0]["served"][-1], ranks[0]["state_dict"]
+    assert any(not torch.equal(final[k], raw[k]) for k in raw if raw[k].is_floating_point())  # the EMA, not the weights
+    _equal(ema_state(tmp_path / "runs" / "run")["module"], final)

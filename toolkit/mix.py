@@ -6,7 +6,6 @@ probabilities, which run.criterion (cross-entropy with label smoothing) takes as
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
 from toolkit.config import AugmentConfig
 from toolkit.hooks import Hook
@@ -22,6 +21,8 @@ class Mix:
     which Accelerate's resume state holds."""
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0):
+        from torchvision.transforms import v2  # seconds to import: only for runs that mix
+
         choices = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []) + \
                   ([v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else [])
         if not choices:
