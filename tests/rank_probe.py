@@ -4,8 +4,8 @@ to OUT/rank<R>.pt, so a test can compare processes from outside.
     accelerate launch ... tests/rank_probe.py OUT --config smoke.yaml --set KEY=VALUE ...
 
 Nothing here changes what the engine does: a hook (the engine's own seam for optional features) only
-keeps references to the set-up the engine builds and notes the torch RNG state at the first training
-augmentation."""
+keeps references to the set-up the engine builds, notes the torch RNG state at the first training
+augmentation and copies the module each epoch's checkpoints/best would hold."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ class Probe(Hook):
         run.augment = note_rng
 
 
+    def on_validated(self, run, metrics, module, meta, step):
+        # what checkpoints/best would hold this epoch (the EMA with train.ema on), as this process has it
+        self.seen.setdefault("served", []).append({k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+
+
 def main(out: Path, config: str, overrides: list[str]) -> None:
     probe = Probe()
     engine.train(load_config(config, overrides), hooks=[probe])
@@ -76,6 +81,7 @@ def main(out: Path, config: str, overrides: list[str]) -> None:
         "train_split": _digest(bundle.train.images, bundle.train.labels),
         "val_split": _digest(bundle.val.images, bundle.val.labels),
         "rng_at_first_augment": seen["rng_at_first_augment"],
+        "served": seen["served"],  # per epoch
     }, out / f"rank{accelerator.process_index}.pt")
 
 

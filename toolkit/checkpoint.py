@@ -1,6 +1,7 @@
 """Checkpoints in a run directory, each written atomically so a kill at any moment leaves a
 loadable one: `checkpoints/best` (weights + meta.json, enough to rebuild the model without the
-YAML) and `checkpoints/last` (Accelerate's full resume state + trainer_state.json).
+YAML) and `checkpoints/last` (Accelerate's full resume state + trainer_state.json); `checkpoints/average`
+(toolkit/average.py) is of best's kind, and checkpoints/top/ (toolkit/topk.py) holds several.
 
 Each is a symlink to a complete directory named by kind, epoch and optimizer step
 (`last-e0003-s000024`); a new one is written beside it, then the link is swapped with os.replace
@@ -94,13 +95,13 @@ class Keeper:
 
     def save_best(self, model: nn.Module, meta: Meta, step: int) -> None:
         """Weights of the unwrapped model (plain keys, loadable with weights_only=True) + meta.json."""
-        staged = self.staging("best", meta.epoch or 0, step)
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        torch.save(state, staged / WEIGHTS)
-        meta.write(staged / META)
-        self.publish("best", staged)
+        self.save_weights("best", model.state_dict(), meta, step)
+
+    def save_weights(self, kind: str, state: dict, meta: Meta, step: int) -> Path:
+        """A checkpoint like checkpoints/best (weights + meta.json) published as checkpoints/<kind>."""
+        staged = self.staging(kind, meta.epoch or 0, step)
+        write_weights(staged, state, meta)
+        return self.publish(kind, staged)
 
     def save_last(self, accelerator, trainer_state: dict, step: int) -> None:
         """Full resume state (Accelerate's save_state + trainer_state.json), staged then published
@@ -123,6 +124,14 @@ class Keeper:
         if not (last / TRAINER_STATE).is_file():
             return None
         return json.loads((last / TRAINER_STATE).read_text())
+
+
+def write_weights(directory: Path, state: dict, meta: Meta) -> None:
+    """weights.pt (plain keys, on the CPU, loadable with weights_only=True) + meta.json in a new `directory`."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, directory / WEIGHTS)
+    meta.write(directory / META)
 
 
 def save_best(run_dir: Path, model: nn.Module, meta: Meta, step: int = 0) -> None:

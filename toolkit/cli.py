@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-root", type=Path, help="an ImageFolder (class folders) to evaluate on instead of the run's validation set")
 
+    average = sub.add_parser("average", help="average RUN_DIR/checkpoints/top/ (train.save_top_k) into checkpoints/average, evaluate it beside checkpoints/best")
+    average.add_argument("run_dir", type=Path)
+
     samples = sub.add_parser("samples", help="write validation images of a run as PNG files (to try predict and the server)")
     samples.add_argument("run_dir", type=Path)
     samples.add_argument("--out", type=Path, required=True)
@@ -193,6 +196,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from toolkit.average import average_run
+
+    average_run(args.run_dir)
+    return 0
+
+
 def cmd_samples(args) -> int:
     from toolkit.samples import write_samples
 
@@ -268,8 +278,9 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "compare": cmd_compare, "train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
-            "evaluate": cmd_evaluate, "samples": cmd_samples, "predict": cmd_predict, "serve": cmd_serve}
+COMMANDS = {"train": cmd_train, "config": cmd_config, "export": cmd_export, "archive": cmd_archive,
+            "evaluate": cmd_evaluate, "average": cmd_average, "samples": cmd_samples, "predict": cmd_predict,
+            "serve": cmd_serve, "sweep": cmd_sweep, "compare": cmd_compare}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ class Section(BaseModel):
 
 
 class AugmentConfig(Section):
+    # mixup/cutmix (toolkit/mix.py): whole batches on the training device, soft targets
+    mixup_alpha: float = Field(0.0, ge=0, description="mixup: blend each batch with itself reversed, weight drawn from Beta(alpha, alpha) per batch; targets blended alike (soft-target cross-entropy, with train.label_smoothing). 0 = off; 0.2-0.4 is usual.")
+    cutmix_alpha: float = Field(0.0, ge=0, description="cutmix: paste a box of the reversed batch, its area share drawn from Beta(alpha, alpha) per batch; targets weighted by area. 0 = off; 1.0 is usual. With mixup too, each mixed batch uses one of the two, half the time each.")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="Share of training batches mixed when mixup_alpha or cutmix_alpha is on; train accuracy is then counted against each image's dominant label.")
     crop_padding: int = Field(0, ge=0, description="Random crop of image_size after zero padding by this many pixels (0 = off).")
     hflip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
 
@@ -140,6 +144,12 @@ class ScheduleConfig(Section):
         return self
 
 
+class EmaConfig(Section):
+    decay: Optional[float] = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the weights (and BatchNorm statistics), updated after every optimizer step on the device: ema = decay * ema + (1 - decay) * weights. null = off; 0.999-0.9999 is usual (about 1 / (1 - decay) steps of memory). Validation reports both (val_acc and val_acc_ema).")
+    warmup: int = Field(0, ge=0, description="Optimizer steps over which the decay ramps up linearly from 0 (the first update copies the weights) to `decay`, so the average forgets the random start; 0 = `decay` from the first step.")
+    use_for: Literal["best", "none"] = Field("best", description="best: checkpoints/best (hence export, evaluate, serving, top-k and early stopping) holds the EMA weights, chosen by the EMA's val accuracy; none: the trained weights, the EMA only reported.")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0, description="Number of epochs.")
     run_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._,=+-]*$", description="Run directory name under output_dir (letters, digits and . _ - , = +; toolkit sweep names runs lr=3e-4,batch_size=64); null = the config file's name.")
@@ -154,6 +164,8 @@ class TrainConfig(Section):
     resume: bool = Field(False, description="Continue the run in the run directory from checkpoints/last.")
     overwrite: bool = Field(False, description="Delete an existing run directory of the same name before starting.")
     stop_after: Optional[int] = Field(None, gt=0, description="Stop this invocation after this many epochs (for time-limited jobs); resume continues.")
+    save_top_k: int = Field(0, ge=0, description="Also keep the k best epochs by val accuracy (of the model checkpoints/best holds) under checkpoints/top/, each loadable like checkpoints/best; `toolkit average RUN` averages them. 0 = off.")
+    ema: EmaConfig = Field(default_factory=EmaConfig, description="Exponential moving average of the weights (toolkit/ema.py).")
     checkpoint_every: Optional[str] = Field(None, pattern=r"^[1-9][0-9]* ?(steps|min)$", description="Also write checkpoints/last inside an epoch, every this many optimizer steps (`500 steps`) or minutes (`30 min`), so a kill loses at most one interval; --resume continues at the next batch. null = at the end of each epoch only.")
     preempt_signals: list[Literal["SIGUSR1", "SIGUSR2", "SIGTERM", "SIGHUP"]] = Field(["SIGUSR1", "SIGTERM"], description="Signals that stop the run at the next point every process agrees on (at most 10 steps), after writing checkpoints/last mid-epoch: exit status 75, summary.json status `preempted`; resume with --resume. SIGUSR1 is Slurm's warning (`#SBATCH --signal=USR1@120` in launch/slurm.sbatch), SIGTERM its time limit and scancel. Ctrl-C (SIGINT) does the same (status `interrupted`); a second Ctrl-C stops at once.")
     collective_timeout_s: float = Field(300, gt=0, description="Seconds a process waits in a collective (gradients, barriers, checkpoint saves) for the others before it gives up: a dead node stops the run within this time with one message, instead of the process group's 30-minute default.")

@@ -6,7 +6,6 @@ process only (save_state excepted, which every process must call). Optional feat
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Sequence
 
@@ -17,6 +16,7 @@ from rich.console import Console
 
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError, report
+from toolkit.features import feature_hooks
 from toolkit.hooks import STOPS, Hook, Requests, default_hooks
 from toolkit.models import check_model, train_mode
 from toolkit.optim import replan
@@ -25,9 +25,10 @@ from toolkit.progress import Reporter, data_line, epoch_line, upsampling_note
 from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
+from toolkit.summary import trainer_state, write_summary
 from toolkit.data import num_steps
 from toolkit.training import Training, build_training, prepare_run_dir
-from toolkit.validation import evaluate, sync_buffers
+from toolkit.validation import served, validate
 
 
 class NonFiniteLoss(ToolkitError):
@@ -43,11 +44,12 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
     accelerator = accelerator or make_accelerator(cfg)
     try:
         check_launch(cfg, accelerator)
-        run = start(cfg, accelerator, console or Console(soft_wrap=True), notes)
+        hooks = [*default_hooks(cfg), *feature_hooks(cfg), *preempt_hooks(cfg), *hooks]
+        run = start(cfg, accelerator, console or Console(soft_wrap=True), notes, hooks)
         if run is None:  # a finished run, resumed as it is: said so, nothing trained
             accelerator.end_training()
             return RunDir(cfg.run_dir).read_summary() or {"status": "complete"}
-        return fit(run, [*default_hooks(cfg), *preempt_hooks(cfg), *hooks])
+        return fit(run, hooks)
     except ToolkitError as exc:
         if accelerator.num_processes > 1:
             # Every process raises it (same checks, same data; NonFiniteLoss is agreed by a reduce). The
@@ -68,9 +70,10 @@ def train(cfg: RunConfig, console: Console | None = None, hooks: Sequence[Hook] 
         raise lost from None
 
 
-def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Sequence[str] = ()) -> Training | None:
-    """The run directory decided, set-up built at the configured batch size, resume state loaded;
-    None for a finished run resumed with nothing left to train (the reason printed)."""
+def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Sequence[str] = (),
+          hooks: Sequence[Hook] = ()) -> Training | None:
+    """The run directory decided, set-up built at the configured batch size, the hooks' state registered
+    and the resume state loaded; None for a finished run resumed with nothing left to train (the reason printed)."""
     t0 = time.perf_counter()
     reporter = Reporter(console, accelerator.is_main_process, cfg.train.log_every, cfg.train.log_every_s)
     if cfg.train.num_threads:
@@ -86,6 +89,8 @@ def start(cfg: RunConfig, accelerator: Accelerator, console: Console, notes: Seq
     reporter.print(device_report(accelerator, cfg), highlight=False)
     run = build_training(cfg, accelerator, cfg.data.batch_size, reporter)
     run.t0 = t0
+    for hook in hooks:
+        hook.on_setup(run)
     set_seed(cfg.train.seed, device_specific=True)  # each process its own augmentation stream
     if state is not None:
         accelerator.load_state(str(run.keeper.dir / "last"))
@@ -113,11 +118,14 @@ def fit(run: Training, hooks: Sequence[Hook] = ()) -> dict:
             if state.stopped_early:
                 break
             metrics = run_epoch(run, epoch, hooks)
-            improved = state.record(metrics, cfg.train.patience)
+            module, ranked_by = served(run, hooks)  # what checkpoints/best holds, and its val accuracy
+            improved = state.record(metrics, cfg.train.patience, ranked_by)
             step = epoch * run.steps_per_epoch
+            meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics[ranked_by], "ranked_by": ranked_by})
             if improved and main:
-                meta = run.meta.model_copy(update={"epoch": epoch, "val_acc": metrics["val_acc"]})
-                run.keeper.save_best(run.net, meta, step)
+                run.keeper.save_best(module, meta, step)
+            for hook in hooks:
+                hook.on_validated(run, metrics, module, meta, step)
             if main:
                 run.layout.append_metrics(metrics)
             run.keeper.save_last(run.accelerator, trainer_state(run), step)
@@ -167,12 +175,11 @@ def run_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> dict:
     run.train_loader.set_epoch(epoch)
     t_epoch = time.perf_counter()
     train_loss, train_acc, seen, train_s = train_epoch(run, epoch, hooks)
-    sync_buffers(run.accelerator, run.net)
-    val_loss, val_acc, val_samples = evaluate(run.accelerator, run.model, run.eval_forward, run.val_loader, run.augment)
-    if not math.isfinite(val_loss):  # the epoch's last step broke the weights: do not checkpoint them
+    scores = validate(run, hooks)  # val_loss, val_acc, those of the modules hooks add, val_samples
+    if not math.isfinite(scores["val_loss"]):  # the epoch's last step broke the weights: do not checkpoint them
         raise non_finite(f"in validation after epoch {epoch}")
-    return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc,
-                val_samples=val_samples, eval_precision=run.eval_precision, lr=run.scheduler.get_last_lr()[0],
+    return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, **scores,
+                eval_precision=run.eval_precision, lr=run.scheduler.get_last_lr()[0],
                 images_per_s=seen / train_s, num_processes=run.accelerator.num_processes,
                 epoch_s=time.perf_counter() - t_epoch)
 
@@ -199,9 +206,12 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
     reporter.start_epoch(epoch, run.cfg.train.epochs, steps)
     t0 = time.perf_counter()
     for step, (images, labels) in enumerate(loader, start=start + 1):
+        images, targets = run.augment(images, train=True), labels
+        for hook in hooks:  # mixup/cutmix: images and soft targets
+            images, targets = hook.transform_batch(run, images, targets)
         with accelerator.accumulate(forward):
-            logits = forward(run.augment(images, train=True))
-            loss = run.criterion(logits.float(), labels)
+            logits = forward(images)
+            loss = run.criterion(logits.float(), targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients and run.clip_grad_norm:
                 accelerator.clip_grad_norm_(run.net.parameters(), run.clip_grad_norm)
@@ -213,6 +223,7 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
             run.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             loss = loss.detach()
+            labels = targets if targets.ndim == 1 else targets.argmax(1)  # mixed: each image's dominant label
             totals += torch.stack([loss * len(labels), (logits.argmax(1) == labels).sum(),
                                    torch.tensor(len(labels), device=totals.device), (~torch.isfinite(loss)).float()])
         if accelerator.sync_gradients:
@@ -281,34 +292,3 @@ def non_finite(where: str) -> NonFiniteLoss:
     return NonFiniteLoss(f"non-finite loss {where}: training stopped on every process. checkpoints/best and "
                          "checkpoints/last keep the last good epoch (if one finished). Lower optim.lr, set "
                          "train.clip_grad_norm, or check the data.")
-
-
-def trainer_state(run: Training) -> dict:
-    """trainer_state.json: the run state, with the wall time of every invocation so far."""
-    return {**run.state.__dict__, "wall_s": run.state.wall_s + time.perf_counter() - run.t0}
-
-
-def write_summary(run: Training, status: str) -> dict:
-    cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    history = state.history
-    rates = [m["images_per_s"] for m in history]
-    summary = {
-        "status": status, "best_val_acc": max(state.best_val_acc, 0.0), "best_epoch": state.best_epoch,
-        "epochs_completed": state.epoch, "epochs": cfg.train.epochs, "stopped_early": state.stopped_early,
-        "val_samples": history[-1]["val_samples"] if history else 0,
-        "final_val_acc": history[-1]["val_acc"] if history else None,
-        "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
-        "eval_precision": history[-1]["eval_precision"] if history else None,
-        "channels_last": cfg.train.channels_last, "effective_batch_size": run.effective_batch_size,
-        "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
-        "wall_s": state.wall_s + time.perf_counter() - run.t0, "device": accelerator.device.type,
-        "batches_done": state.batches_done, "last_save_s": run.save_s,  # where a mid-epoch stop saved, how fast
-    }
-    if accelerator.is_main_process:
-        run.layout.write_summary(summary)
-        if history:
-            from toolkit.report import plot_curves
-
-            plot_curves(history, run.layout.curves)
-    return summary
-

@@ -1,8 +1,11 @@
 """Optional features of the epoch loop, as objects with small hooks (timm's `model_ema=None`,
 `mixup_fn=None`, made into one protocol): the loop calls each hook at fixed points and reads no
-feature's flags itself. `Tracker` (Accelerate's experiment trackers) is the first; EMA, top-k
-checkpoints and preemption (toolkit/preempt.py) plug in the same way. `Requests` is how a hook steers:
-it asks the loop to save checkpoints/last now, or to save and stop, at a point every process agrees on."""
+feature's flags itself. `Tracker` (Accelerate's experiment trackers) is the first; EMA (toolkit/ema.py),
+mixup/cutmix (toolkit/mix.py), top-k checkpoints (toolkit/topk.py) and preemption (toolkit/preempt.py)
+plug in the same way. The seams a hook steers through: `transform_batch` (the training batch and its
+targets), `validated` and `serves` (which modules are validated, which one checkpoints/best holds),
+`on_setup` (state registered with Accelerate's resume state) and `Requests` (save checkpoints/last now,
+or save and stop, at a point every process agrees on)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import torch
+
+    from toolkit.rundir import Meta
     from toolkit.training import Training
 
 
@@ -38,8 +44,19 @@ class Hook:
     """Every method does nothing; a feature overrides the points it needs. Each is called on every
     process, in the order the hooks were given."""
 
+    def on_setup(self, run: Training) -> None:
+        """Set-up is built, the resume state not yet loaded: make the objects whose state must survive a
+        resume and `run.accelerator.register_for_checkpointing` them (same order on every process)."""
+
     def on_start(self, run: Training) -> None:
         """Set-up is complete (and resumed): before the first epoch of this invocation."""
+
+    def transform_batch(self, run: Training, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each training batch, augmented and normalised on the device: return it or a replacement, with
+        targets as class indices (N,) or class probabilities (N x classes), which `run.criterion` takes
+        alike (soft-target cross-entropy, label smoothing included). Training accuracy counts each image
+        against its dominant target. No device value may be read here."""
+        return images, targets
 
     def after_optimizer_step(self, run: Training, global_step: int) -> None:
         """After each optimizer step (not each micro-batch), e.g. to update an EMA of the weights.
@@ -49,6 +66,21 @@ class Hook:
         """Every few steps, when the loop has just summed its on-device totals over all processes:
         `loss` is the mean training loss (all processes) of the steps since the previous reduce,
         `lr` the rate the last step used. The only place per-step values reach the host."""
+
+    def validated(self, run: Training) -> dict[str, torch.nn.Module]:
+        """Modules validated after each epoch besides the trained one, by name: the metrics line gains
+        `val_loss_<name>` and `val_acc_<name>` (an EMA of the weights: `ema`)."""
+        return {}
+
+    def serves(self, run: Training) -> str | None:
+        """The name (from `validated`) of the module checkpoints/best holds, ranked by its val accuracy,
+        hence what export, evaluate and serving use; None leaves it to the trained one."""
+        return None
+
+    def on_validated(self, run: Training, metrics: dict, module: torch.nn.Module, meta: Meta, step: int) -> None:
+        """The epoch is validated and checkpoints/best updated; checkpoints/last not yet written, so a kill
+        now redoes this epoch on resume (where a save that must match the resume state belongs). `module`
+        is what checkpoints/best holds, `meta` its meta.json for this epoch."""
 
     def after_epoch(self, run: Training, metrics: dict) -> None:
         """The epoch is validated, recorded and checkpointed; `metrics` is its metrics.jsonl line."""
@@ -71,6 +103,21 @@ class Tracker(Hook):
 
     def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
         run.accelerator.log({"Loss/train": loss, "lr": lr}, step=global_step)
+
+    def validated(self, run: Training) -> dict[str, torch.nn.Module]:
+        """Modules validated after each epoch besides the trained one, by name: the metrics line gains
+        `val_loss_<name>` and `val_acc_<name>` (an EMA of the weights: `ema`)."""
+        return {}
+
+    def serves(self, run: Training) -> str | None:
+        """The name (from `validated`) of the module checkpoints/best holds, ranked by its val accuracy,
+        hence what export, evaluate and serving use; None leaves it to the trained one."""
+        return None
+
+    def on_validated(self, run: Training, metrics: dict, module: torch.nn.Module, meta: Meta, step: int) -> None:
+        """The epoch is validated and checkpoints/best updated; checkpoints/last not yet written, so a kill
+        now redoes this epoch on resume (where a save that must match the resume state belongs). `module`
+        is what checkpoints/best holds, `meta` its meta.json for this epoch."""
 
     def after_epoch(self, run: Training, metrics: dict) -> None:
         run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch" and not isinstance(v, str)},

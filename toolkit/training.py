@@ -42,11 +42,12 @@ class RunState:
     wall_s: float = 0.0
     history: list = field(default_factory=list)
 
-    def record(self, metrics: dict, patience: int | None) -> bool:
-        """Count a finished epoch; True when its validation accuracy is the best so far."""
-        improved = metrics["val_acc"] > self.best_val_acc
+    def record(self, metrics: dict, patience: int | None, key: str = "val_acc") -> bool:
+        """Count a finished epoch; True when its validation accuracy (`key`: that of the module
+        checkpoints/best holds) is the best so far."""
+        improved = metrics[key] > self.best_val_acc
         if improved:
-            self.best_val_acc, self.best_epoch, self.bad_epochs = metrics["val_acc"], metrics["epoch"], 0
+            self.best_val_acc, self.best_epoch, self.bad_epochs = metrics[key], metrics["epoch"], 0
         else:
             self.bad_epochs += 1
         self.stopped_early = patience is not None and self.bad_epochs >= patience
