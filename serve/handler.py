@@ -117,9 +117,10 @@ class ImageClassifierHandler(startup.StartUp):
             self.device = worker_device
         self.model = _load_model(path, worker_device)
         layouts = self.choose_layouts(handler_cfg.get("channels_last"), native)
+        precision = self.check_precision()
         self.initialized = True
-        logger.info("loaded %s from %s on %s, %d torch threads, layout %s, %s", os.path.basename(path), model_dir,
-                    self.device, torch.get_num_threads(), layouts, self.pre)
+        logger.info("loaded %s (%s) from %s on %s, %d torch threads, layout %s, %s", os.path.basename(path), precision,
+                    model_dir, self.device, torch.get_num_threads(), layouts, self.pre)
 
     # ---------------------------------------------------------------- one request
     @staticmethod

@@ -47,6 +47,17 @@ class StartUp:
         self.max_side = int(self.pre.get("max_side", 65_535))
         self.not_an_image = f"not a decodable image ({self.pp.FORMAT_NAMES})"
 
+    def check_precision(self) -> str:
+        """preprocess.json's precision (fp32 when absent); bf16 on a CPU that does not compute it natively
+        is served, but slower than fp32 would be: the model log says so at load, in words."""
+        precision = self.pre.get("precision", "fp32")
+        if precision == "bf16" and self.device.type == "cpu" and not (
+                torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            logger.warning("this archive's model runs in bf16, which this CPU (%s, no AVX512-BF16 or AMX) emulates: "
+                           "slower than fp32; serve it on a CPU with native bf16 or a GPU, or re-export at "
+                           "serve.precision fp32", torch.backends.cpu.get_cpu_capability())
+        return precision
+
     def start_threads(self, context) -> None:
         threads = self._torch_threads(context)
         torch.set_num_threads(threads)
