@@ -6,9 +6,9 @@ AOTInductor: the manifest's serializedFile, loaded by its suffix), `index_to_nam
 TorchServe's Python worker, where only torch, torchvision, PIL, numpy and `ts` can be relied on
 (and onnxruntime for an ONNX archive, imported only then), so it must not import `toolkit`: it
 imports the archive's own copy of `toolkit/preprocess.py` from the model directory, the one
-definition of the preprocessing that training, evaluation and `toolkit predict` use, and the two
-serve/ modules shipped beside it: loaders.py (the model file by its suffix) and request_body.py
-(a request's body -> the image's bytes).
+definition of the preprocessing that training, evaluation and `toolkit predict` use, and the three
+serve/ modules shipped beside it: loaders.py (the model file by its suffix), request_body.py
+(a request's body -> the image's bytes) and startup.py (settings, threads and layouts at load).
 
 Per request: raw image bytes (`curl -T img`, `row["body"]`), a multipart field `data`
 (`curl -F data=@img`), or JSON `{"data": "<base64>"}`. A good request gets
@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
-import json
 import logging
 import os
 import threading
@@ -78,10 +77,15 @@ def load_preprocess(model_dir: str):
 # The model file's loaders by suffix (.pt, .onnx, .pt2): beside this file, in serve/ and in every archive.
 loaders = _module_beside("loaders.py", "toolkit_serve_loaders")
 LOADERS, _load_model = loaders.LOADERS, loaders.load_model
+# The start-up half of the handler (settings, threads, layouts), a mixin: beside this file, in serve/
+# and in every archive.
+startup = _module_beside("startup.py", "toolkit_serve_startup")
 
 
-class ImageClassifierHandler:
+class ImageClassifierHandler(startup.StartUp):
     """Decode each request, classify all good ones in one forward pass, answer each on its own."""
+
+    LOADERS = LOADERS
 
     def __init__(self):
         self.initialized = False
@@ -113,110 +117,10 @@ class ImageClassifierHandler:
             self.device = worker_device
         self.model = _load_model(path, worker_device)
         layouts = self.choose_layouts(handler_cfg.get("channels_last"), native)
+        precision = self.check_precision()
         self.initialized = True
-        logger.info("loaded %s from %s on %s, %d torch threads, layout %s, %s", os.path.basename(path), model_dir,
-                    self.device, torch.get_num_threads(), layouts, self.pre)
-
-    def read_settings(self, model_dir: str) -> None:
-        """preprocess.json and index_to_name.json, checked against what the archive's preprocess.py knows."""
-        with open(os.path.join(model_dir, "preprocess.json"), encoding="utf-8") as f:
-            self.pre = json.load(f)
-        with open(os.path.join(model_dir, "index_to_name.json"), encoding="utf-8") as f:
-            self.names = {str(k): str(v) for k, v in json.load(f).items()}
-        channels, mean, std = self.pre["channels"], self.pre["mean"], self.pre["std"]
-        if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
-            raise ValueError(f"preprocess.json: bad channels/mean/std: {self.pre}")
-        if self.pre["resize"] not in ("resize", "resize_center_crop"):
-            raise ValueError(f"preprocess.json: unknown resize policy {self.pre['resize']!r}")
-        # No version: an export from before version 2, whose model was trained with version 1.
-        self.version = int(self.pre.get("preprocess_version", 1))
-        if self.version not in (1, self.pp.PREPROCESS_VERSION):
-            raise ValueError(f"preprocess.json: preprocess_version {self.version} is newer than this handler "
-                             f"({self.pp.PREPROCESS_VERSION}): archive the export with the toolkit that made it")
-        if self.version == 1:
-            logger.warning("preprocess.json has preprocess_version 1 (resize before crop): images more elongated "
-                           "than %d:1 are refused; a model trained with version 2 accepts any shape",
-                           self.pp.V1_MAX_ASPECT)
-        self.topk = int(self.pre.get("topk", 5))
-        self.max_pixels = int(self.pre.get("max_pixels", 40_000_000))
-        self.max_side = int(self.pre.get("max_side", 65_535))
-        self.not_an_image = f"not a decodable image ({self.pp.FORMAT_NAMES})"
-
-    def start_threads(self, context) -> None:
-        threads = self._torch_threads(context)
-        torch.set_num_threads(threads)
-        # A batch's images are decoded side by side (PIL and torch release the GIL while they work),
-        # on as many threads as this worker's share of the cores.
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
-
-    @staticmethod
-    def model_path(context, model_dir: str) -> str:
-        """The archive's serialized file, as TorchServe's manifest names it (else the one model file there)."""
-        serialized = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("serializedFile")
-        if serialized is None:
-            found = sorted(f for f in os.listdir(model_dir) if f.startswith("model") and os.path.splitext(f)[1] in LOADERS)
-            serialized = found[0] if found else "model.pt"
-        return os.path.join(model_dir, serialized)
-
-    def choose_layouts(self, forced: bool | None, native: bool) -> str:
-        """The memory formats the model is fed, for one image and for batches; says which and why."""
-        if not native:  # an ONNX or AOTInductor file was made for contiguous inputs
-            self.single_layout = self.batch_layout = torch.contiguous_format
-            return "contiguous (the exported file's own)"
-        if forced is not None:  # `handler: {channels_last: true|false}`: the operator decides
-            self.single_layout = self.batch_layout = torch.channels_last if forced else torch.contiguous_format
-            return f"{'channels_last' if forced else 'contiguous'} (set in model-config.yaml)"
-        self.single_layout, timings = self.measure_single_layout()
-        return f"channels_last for batches of 2+, {self.describe(self.single_layout)} for one image ({timings})"
-
-    @staticmethod
-    def describe(layout: torch.memory_format) -> str:
-        return "channels_last" if layout == torch.channels_last else "contiguous"
-
-    def measure_single_layout(self, runs: int = 3) -> tuple[torch.memory_format, str]:
-        """The faster memory format for one-image batches, timed on this machine with this model.
-
-        channels_last suits oneDNN's convolutions from a few images up, but for one image it varies:
-        on a 2-core AVX2 CPU, ResNet-18 took 46 ms contiguous against 72 ms channels_last, while
-        MobileNetV3 and EfficientNet ran faster channels_last. Each layout runs once to warm up (this
-        also warms TorchScript's profiling executor before the first request), then `runs` times,
-        interleaved; the smallest time of each decides. GPUs keep channels_last (tensor cores)."""
-        if self.device.type != "cpu":
-            return torch.channels_last, "not measured off the CPU"
-        size, channels = self.pre["image_size"], self.pre["channels"]
-        image = torch.rand(1, channels, size, size)
-        layouts = (torch.channels_last, torch.contiguous_format)
-        best = {layout: float("inf") for layout in layouts}
-        with torch.inference_mode():
-            for step in range(runs + 1):
-                for layout in layouts:
-                    x = image.contiguous(memory_format=layout)
-                    started = time.perf_counter()
-                    self.model(x)
-                    if step:  # step 0 is the warm-up
-                        best[layout] = min(best[layout], time.perf_counter() - started)
-        choice = min(layouts, key=best.get)  # a tie keeps channels_last (first)
-        return choice, ", ".join(f"{self.describe(k)} {v * 1000:.1f} ms" for k, v in best.items())
-
-    def layout(self, n: int) -> torch.memory_format:
-        return self.single_layout if n == 1 else self.batch_layout
-
-    @staticmethod
-    def _torch_threads(context) -> int:
-        """Intra-op threads so that threads x workers does not oversubscribe the cores.
-
-        `handler: {torch_threads: N}` in model-config.yaml wins; an OMP_NUM_THREADS set by the
-        operator is kept (torch already read it); otherwise usable cores // workers.
-        """
-        cfg = getattr(context, "model_yaml_config", None) or {}
-        explicit = (cfg.get("handler") or {}).get("torch_threads")
-        if explicit:
-            return max(1, int(explicit))
-        if os.environ.get("OMP_NUM_THREADS"):
-            return torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = int(cfg.get("maxWorkers") or cfg.get("minWorkers") or 1)
-        return max(1, cores // max(1, workers))
+        logger.info("loaded %s (%s) from %s on %s, %d torch threads, layout %s, %s", os.path.basename(path), precision,
+                    model_dir, self.device, torch.get_num_threads(), layouts, self.pre)
 
     # ---------------------------------------------------------------- one request
     @staticmethod

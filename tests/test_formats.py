@@ -93,6 +93,26 @@ def test_every_recipe_model_exports_to_torchscript_and_onnx(tmp_path, name, chan
         assert parity["format"] == fmt and parity["max_abs_diff"] <= parity["tolerance"], (name, fmt, parity)
 
 
+@pytest.mark.parametrize("name, channels, size", RECIPE_MODELS)
+def test_every_recipe_model_passes_the_aoti_capture_and_its_decompositions(tmp_path, name, channels, size):
+    """AOTInductor per model x the steps that can refuse a model: the torch.export capture with the
+    dynamic batch (aoti.capture, the call the export makes) and the decomposition to the core ATen ops
+    that Inductor lowers, the result checked on batches of 1 and 3. Only the C++ compile is left out,
+    15-60 s a model on 2 cores: it runs once per session (format_runs, cifar_cnn, and every format
+    test built on it) and for every recipe model in bench/export_formats.py, which prints the times
+    (docs/benchmarks.md, "Export formats")."""
+    from toolkit.checkpoint import load_best
+    from toolkit.export import aoti
+
+    model, _ = load_best(make_run(tmp_path / name, name, channels, size, seed=1))
+    model = model.float().eval()
+    program = aoti.capture(model, torch.randn(4, channels, size, size)).run_decompositions()
+    for n in (1, 3):
+        images = torch.randn(n, channels, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(images), model(images), atol=1e-4, rtol=0)
+
+
 class DataDependent(torch.nn.Module):
     """A branch on the values of the input: TorchScript scripts it, torch.export (ONNX, AOTInductor) cannot."""
 

@@ -27,6 +27,7 @@ from ts.context import Context, RequestProcessor
 from ts.utils.util import list_classes_from_module
 
 from fuzz_corpus import encode
+from toolkit.archive import HANDLER_MODULES
 from toolkit.preprocess import preprocess_image
 
 HANDLER_PATH = Path(__file__).resolve().parents[1] / "serve" / "handler.py"
@@ -194,10 +195,14 @@ def test_module_is_a_valid_torchserve_handler():
     assert "toolkit" not in imported
     assert imported <= {"__future__", "base64", "binascii", "concurrent", "functools", "importlib", "io", "json", "logging",
                         "os", "threading", "time", "warnings", "http", "torch", "PIL", "ts", "onnxruntime"}
-    # and so do the modules it loads from the archive: the preprocessing, the loaders, the body reader
+    # and so do the modules it loads from the archive: the preprocessing, the loaders, the body reader,
+    # the start-up half (every serve/ module the archive ships is checked here)
+    allowed_by_module = {"loaders.py": {"__future__", "logging", "os", "warnings", "torch", "onnxruntime"},
+                         "request_body.py": {"__future__", "base64", "binascii", "json", "ts"},
+                         "startup.py": {"__future__", "concurrent", "json", "logging", "os", "time", "torch"}}
+    assert set(allowed_by_module) == set(HANDLER_MODULES)
     for path, allowed in ((PREPROCESS_PATH, {"__future__", "io", "typing", "numpy", "torch", "PIL", "torchvision"}),
-                          (HANDLER_PATH.parent / "loaders.py", {"__future__", "logging", "os", "warnings", "torch", "onnxruntime"}),
-                          (HANDLER_PATH.parent / "request_body.py", {"__future__", "base64", "binascii", "json", "ts"})):
+                          *((HANDLER_PATH.parent / name, allowed) for name, allowed in allowed_by_module.items())):
         tree = ast.parse(path.read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -602,8 +607,8 @@ def test_real_torchserve_answers_each_request_of_a_batch_with_its_own_status(tmp
     subprocess.run([str(bin_dir / "torch-model-archiver"), "--model-name", "clf", "--version", "1.0",
                     "--serialized-file", str(model_dir / "model.pt"), "--handler", str(HANDLER_PATH),
                     "--extra-files", ",".join([str(model_dir / 'index_to_name.json'), str(model_dir / 'preprocess.json'),
-                                               str(model_dir / 'preprocess.py'), str(HANDLER_PATH.parent / 'loaders.py'),
-                                               str(HANDLER_PATH.parent / 'request_body.py')]),
+                                               str(model_dir / 'preprocess.py'),
+                                               *(str(HANDLER_PATH.parent / name) for name in HANDLER_MODULES)]),
                     "--config-file", str(model_dir / "model-config.yaml"), "--export-path", str(store)],
                    check=True)
     inf, mgmt, met, grpc_i, grpc_m = free_ports(5)

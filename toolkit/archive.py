@@ -28,7 +28,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a .mar must hold for serve/handler.py to load (extra files are flattened into the root), besides
 # the model file of its export format, which the manifest names as its serializedFile.
-HANDLER_MODULES = ("loaders.py", "request_body.py")  # serve/ modules beside handler.py, which loads them
+HANDLER_MODULES = ("loaders.py", "request_body.py", "startup.py")  # serve/ modules beside handler.py, which loads them
 REQUIRED_ENTRIES = ("handler.py", *HANDLER_MODULES, *HANDLER_FILES, "MAR-INF/MANIFEST.json", MODEL_CONFIG)
 
 

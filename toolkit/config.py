@@ -218,6 +218,7 @@ class ServeConfig(Section):
     channels_last: Optional[bool] = Field(None, description="Memory format the handler feeds the model: "
                                           "null = channels_last for batches of 2+ and, for one image, the faster "
                                           "of the two timed at load; true or false = that format always.")
+    precision: Literal["fp32", "bf16", "int8"] = Field("fp32", description="Arithmetic of the exported model: fp32; bf16 (torchscript, aoti: fast only on CPUs with AVX512-BF16/AMX and on GPUs, the export warns elsewhere); int8 (onnx, onnxruntime static quantization calibrated on 64 training images). A reduced precision is kept only if it gives fp32's class for at least 99.5% (bf16) or 99% (int8) of the validation images, measured at export and written to parity.json.")
     profile: bool = Field(False, description="Time the handler's phases per batch as TorchServe's metrics "
                           "ts_handler_preprocess, ts_handler_inference and ts_handler_postprocess (ms): "
                           "logged in ts_log.log, latest values at /metrics.")

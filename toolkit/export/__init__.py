@@ -5,6 +5,7 @@ here; each format is one module (torchscript.py, onnx.py, aoti.py) and one line 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -19,7 +20,7 @@ from toolkit import preprocess
 from toolkit.checkpoint import WEIGHTS, checkpoints_dir, load_best
 from toolkit.config import RunConfig
 from toolkit.errors import ToolkitError
-from toolkit.export import aoti, onnx, torchscript
+from toolkit.export import aoti, onnx, precision as reduced, torchscript
 from toolkit.export.torchscript import load_torchscript
 from toolkit.rundir import Meta, RunDir, load_run_config
 
@@ -57,10 +58,12 @@ def parity_inputs(channels: int, image_size: int) -> dict[int, torch.Tensor]:
     return {n: torch.randn((n, channels, image_size, image_size), generator=generator) for n in PARITY_BATCHES}
 
 
-def check_parity(eager: nn.Module, path: Path, inputs: dict[int, torch.Tensor], fmt: Format) -> dict[str, float]:
+def check_parity(eager: nn.Module, path: Path, inputs: dict[int, torch.Tensor], fmt: Format,
+                 tolerance: float | None = None) -> dict[str, float]:
     """Reload the saved file and compare its logits with the eager model's on each batch;
     returns {batch size: max |diff|}, refusing a wrong shape or a difference above the tolerance."""
     exported = fmt.load(path)
+    tolerance = fmt.tolerance if tolerance is None else tolerance
     diffs = {}
     for n, images in inputs.items():
         with torch.no_grad():
@@ -70,9 +73,9 @@ def check_parity(eager: nn.Module, path: Path, inputs: dict[int, torch.Tensor], 
             raise ToolkitError(f"{path}: exported model returns shape {tuple(got.shape)}, "
                                f"the checkpoint's model {tuple(expected.shape)}")
         diff = (got.float() - expected).abs().max().item()
-        if not diff <= fmt.tolerance:  # also catches NaN
+        if not diff <= tolerance:  # also catches NaN
             raise ToolkitError(f"{path}: exported model differs from the checkpoint's model: max abs "
-                               f"difference of the logits {diff:.3g} > {fmt.tolerance:g} on a random batch "
+                               f"difference of the logits {diff:.3g} > {tolerance:g} on a random batch "
                                f"of shape {tuple(images.shape)}")
         diffs[str(n)] = diff
     return diffs
@@ -102,10 +105,11 @@ def root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def save_checked(model: nn.Module, meta: Meta, fmt_name: str, path: Path) -> dict:
+def save_checked(model: nn.Module, meta: Meta, fmt_name: str, path: Path, tolerance: float | None = None) -> dict:
     """Write the model file and check it; returns parity.json's content. A model the format cannot
     take is refused with its name, the format and the cause."""
     fmt = format_of(fmt_name)
+    tolerance = fmt.tolerance if tolerance is None else tolerance
     inputs = parity_inputs(meta.channels, meta.image_size)
     try:
         made = fmt.save(model, inputs[PARITY_BATCH], path)
@@ -114,15 +118,36 @@ def save_checked(model: nn.Module, meta: Meta, fmt_name: str, path: Path) -> dic
     except Exception as exc:  # the exporters raise many kinds, often wrapping the cause
         raise ToolkitError(f"model {meta.model.name!r} cannot be exported to {fmt_name}: {root_cause(exc)}") from None
     made = {"method": made} if isinstance(made, str) else dict(made)
-    diffs = check_parity(model, path, inputs, fmt)
+    diffs = check_parity(model, path, inputs, fmt, tolerance)
     return {"format": fmt_name, "model_file": fmt.model_file, **made, "max_abs_diff": max(diffs.values()),
-            "max_abs_diff_by_batch": diffs, "tolerance": fmt.tolerance,
+            "max_abs_diff_by_batch": diffs, "tolerance": tolerance,
             "input_shape": list(inputs[PARITY_BATCH].shape), "epoch": meta.epoch, "torch": torch.__version__}
 
 
-def export_model(run_dir: str | Path, topk: int | None = None, format: str | None = None) -> Path:
-    """Write RUN/export/ from checkpoints/best in `format` (None: the run config's export.format);
-    returns the export directory.
+def save_at_precision(model: nn.Module, meta: Meta, fmt_name: str, path: Path, precision: str, run_dir: Path,
+                      settings: dict) -> dict:
+    """save_checked at fp32; at bf16 or int8 the reduced file is also measured against the fp32 model on
+    the run's validation set (precision.py), and refused under its threshold."""
+    if precision == "fp32":
+        return save_checked(model, meta, fmt_name, path)
+    if precision == "bf16":  # the file is the bf16 model, checked against the same model run eagerly
+        parity = save_checked(reduced.BF16(copy.deepcopy(model)), meta, fmt_name, path, reduced.BF16_TOLERANCE)
+        warning = reduced.bf16_warning()
+    else:  # int8: the fp32 file, parity-checked as always, then quantized
+        fp32_path = path.with_name(f"fp32-{path.name}")
+        parity = save_checked(model, meta, fmt_name, fp32_path)
+        parity["int8"] = reduced.quantize_int8(fp32_path, path, reduced.calibration_batches(run_dir, settings))
+        fp32_path.unlink()
+        warning = None
+    parity.update(reduced.measure(precision, model, format_of(fmt_name).load(path),
+                                  reduced.validation_batches(run_dir, meta, settings), meta.model.name, fmt_name))
+    return {**parity, "precision_warning": warning} if warning else parity
+
+
+def export_model(run_dir: str | Path, topk: int | None = None, format: str | None = None,
+                 precision: str | None = None) -> Path:
+    """Write RUN/export/ from checkpoints/best in `format` (None: the run config's export.format) at
+    `precision` (None: the run config's serve.precision); returns the export directory.
 
     The files are written to a staging directory and swapped in only after the parity check,
     so RUN/export never holds a model that failed it.
@@ -131,17 +156,21 @@ def export_model(run_dir: str | Path, topk: int | None = None, format: str | Non
     cfg = load_run_config(run_dir)
     format = cfg.export.format if format is None else format
     fmt = format_of(format)
+    precision = cfg.serve.precision if precision is None else precision
+    reduced.check_supported(precision, format, cfg.model.name)
     if fmt.require is not None:
         fmt.require()  # a missing package or compiler, said before the checkpoint is read
     model, meta = load_best(run_dir)  # a fresh model: contiguous, not compiled, eval mode
     model = model.float().eval()
     settings = preprocess_settings(meta, cfg, topk)
+    if precision != "fp32":  # the handler warns where bf16 is not native
+        settings["precision"] = precision
 
     export_dir, staging = RunDir(run_dir).export, RunDir(run_dir).export_staging
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        parity = save_checked(model, meta, format, staging / fmt.model_file)
+        parity = save_at_precision(model, meta, format, staging / fmt.model_file, precision, run_dir, settings)
         (staging / PARITY_FILE).write_text(json.dumps(parity, indent=2))
         (staging / INDEX_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(meta.classes)}, indent=2))
         (staging / PREPROCESS_FILE).write_text(json.dumps(settings, indent=2))
@@ -195,6 +224,12 @@ def describe_export(export_dir: Path) -> str:
         batches = " and ".join(parity.get("max_abs_diff_by_batch", {}).keys()) or "?"
         line += (f"\n  parity with the checkpoint: max |logit difference| {parity['max_abs_diff']:.2g} "
                  f"(tolerance {parity['tolerance']:g}) on random batches of {batches}")
+    if "top1_agreement" in parity:
+        line += (f"\n  precision {parity['precision']}: fp32's class for {parity['top1_agreement']:.2%} of the "
+                 f"{parity['agreement_images']} validation images (at least {parity['agreement_threshold']:.1%} "
+                 f"required); {parity['speedup_over_eager_fp32']:.2f}x the eager fp32 model's speed there")
+    if "precision_warning" in parity:
+        line += f"\n  warning: {parity['precision_warning']}"
     return line
 
 

@@ -34,14 +34,20 @@ def require() -> None:
     compiler()
 
 
+def capture(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """The torch.export capture that the compile lowers, batch dimension dynamic: where a model that
+    AOTInductor cannot take is refused (data-dependent control flow, unsupported ops)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
 def save(model: nn.Module, example: torch.Tensor, path: Path) -> dict:
     """Export and compile `model` into the package `path`; returns the facts for parity.json."""
     from torch._inductor import aoti_compile_and_package
 
     cxx = compiler()
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    program = capture(model, example)
     started = time.perf_counter()
     aoti_compile_and_package(program, package_path=str(path))
     seconds = time.perf_counter() - started
