@@ -23,6 +23,28 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     crop_padding: int = Field(0, ge=0, description="Random crop of image_size after zero padding by this many pixels (0 = off).")
     hflip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
+    resized_crop_scale: Optional[list[float]] = Field(None, min_length=2, max_length=2, description="Random resized crop (torchvision's RandomResizedCrop, first of the augmentations): a box of this range of the image's area, e.g. [0.08, 1.0] as ImageNet training uses, resized back to image_size; null = off.")
+    resized_crop_ratio: list[float] = Field([3 / 4, 4 / 3], min_length=2, max_length=2, description="Random resized crop: range of the box's width / height.")
+    trivial_augment: bool = Field(False, description="TrivialAugment (torchvision's TrivialAugmentWide): per image one of 14 operations at a random strength.")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="Colour jitter: brightness, contrast and saturation each scaled by a factor drawn from [1 - x, 1 + x], in a random order per image (no hue); 0 = off.")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="Random erasing (torchvision's RandomErasing, last): probability of filling a random box (2-33% of the area) with the mean colour; 0 = off.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        problems = []
+        for key, top in (("resized_crop_scale", 1.0), ("resized_crop_ratio", None)):
+            pair = getattr(self, key)
+            if pair is not None and not (0 < pair[0] <= pair[1] and (top is None or pair[1] <= top)):
+                allowed = "0 < low <= high <= 1" if top else "0 < low <= high"
+                problems.append((key, list(pair), f"must be [low, high] with {allowed}"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    @property
+    def imagenet_style(self) -> bool:
+        """Whether any of the torchvision-style augmentations is on (a per-sample transform in the loader pipeline)."""
+        return bool(self.resized_crop_scale or self.trivial_augment or self.color_jitter or self.random_erasing)
 
 
 class DataConfig(Section):

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from toolkit.checkpoint import Keeper
 from toolkit.config import RunConfig
-from toolkit.augment import BatchAugment
+from toolkit.augment import BatchAugment, loader_transform
 from toolkit.data import DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.hooks import Requests
@@ -129,7 +129,10 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, re
     scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
     forward = torch.compile(model) if cfg.train.compile else model
     eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
-    augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
+    aug = cfg.data.augment
+    if not bundle.in_memory:  # ImageNet-style augmentation per sample in the workers, else on whole batches
+        bundle.train.transform = loader_transform(aug, pre)
+    augment = BatchAugment(pre, aug.crop_padding, aug.hflip, cfg.train.channels_last, aug if bundle.in_memory else None)
     meta = Meta(model={"name": cfg.model.name, "args": cfg.model.args}, num_classes=len(classes), classes=classes,
                 **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std", "preprocess_version")})
     return Training(

@@ -41,10 +41,11 @@ class TensorImages(Dataset):
 
 class FileImages(Dataset):
     """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory.
-    A file that cannot be read, or is above `limits`, stops the run with a ToolkitError naming it."""
+    A file that cannot be read, or is above `limits`, stops the run with a ToolkitError naming it.
+    `transform` (uint8 C x S x S -> the same), if set, augments each sample in the worker."""
 
-    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None):
-        self.samples, self.pre, self.limits = samples, pre, limits
+    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None, transform=None):
+        self.samples, self.pre, self.limits, self.transform = samples, pre, limits, transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,9 +53,10 @@ class FileImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            return load_uint8(path, self.pre, self.limits), label
+            image = load_uint8(path, self.pre, self.limits)
         except READ_ERRORS as exc:
             raise ImageFileError(f"{path}: cannot use this image: {exc}") from None
+        return (image if self.transform is None else self.transform(image)), label
 
 
 def _pass_through(batch):
