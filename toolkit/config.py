@@ -7,7 +7,7 @@ Imports neither torch nor accelerate, so a bad config is reported in well under 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -58,7 +58,8 @@ class DataConfig(Section):
     std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null = the dataset's default.")
     num_classes: int = Field(10, ge=2, description="Number of classes (synthetic data only; other sources read it from the data).")
     synthetic_samples: int = Field(1024, ge=2, description="Number of images (synthetic data only), before the validation split.")
-    batch_size: int = Field(64, gt=0, description="Images per process per step (before gradient accumulation).")
+    batch_size: Union[int, Literal["auto"]] = Field(64, description="Images per process per step (before gradient accumulation); auto: the largest that fits in the device's memory, halving from auto_batch_size_max, the smallest over all processes, printed at the start, recorded in the run's config.yaml and summary.json and reused on resume.")
+    auto_batch_size_max: int = Field(256, gt=0, description="batch_size auto: the size the search starts at and never exceeds (on the CPU, where memory does not run out the same way, the search lands here).")
     eval_batch_size: Optional[int] = Field(None, gt=0, description="Images per process per evaluation step; null = 2 x batch_size.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training set held out for validation where the source has no validation split.")
     split_seed: int = Field(0, description="Seed of the train/validation split (kept apart from train.seed so the split never moves).")
@@ -91,6 +92,8 @@ class DataConfig(Section):
             problems.append(("root", self.root, "does not exist or is not a directory (expected class folders, or train/ and val/ of class folders)"))
         if self.name == "imagefolder" and self.download:
             problems.append(("download", True, "imagefolder data cannot be downloaded"))
+        if isinstance(self.batch_size, int) and self.batch_size <= 0:
+            problems.append(("batch_size", self.batch_size, "must be greater than 0, or auto"))
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and self.channels is not None and len(values) != self.channels:
@@ -249,6 +252,13 @@ class RunConfig(Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _check_auto_batch(self) -> "RunConfig":
+        if self.data.batch_size == "auto" and self.optim.lr_scaling != "none" and not self.optim.lr_base_batch_size:
+            raise _cross_field_error([("optim.lr_base_batch_size", None, "is required with data.batch_size auto and "
+                                       "optim.lr_scaling: the batch size optim.lr was tuned for")])
+        return self
 
     def resolved(self) -> "RunConfig":
         """The config with the data's own values in place of null (DataConfig.resolved)."""

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 from toolkit.checkpoint import Keeper
 from toolkit.config import RunConfig
 from toolkit.augment import BatchAugment, loader_transform
+from toolkit.batch_size import find_batch_size
 from toolkit.data import DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.hooks import Requests
@@ -110,11 +111,14 @@ def build_network(cfg: RunConfig, num_classes: int, pre: dict, num_processes: in
     return net
 
 
-def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, reporter: Reporter) -> Training:
+def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | str, reporter: Reporter) -> Training:
     """Data, network, optimizer, loaders, prepare, schedule, compile and augmentation for `batch_size`
     images per device. Seeds the global RNG: the same initial weights on every process."""
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data)  # read once, whatever the batch size
     pre, classes = bundle.preprocess, bundle.classes
+    if batch_size == "auto":
+        batch_size = auto_batch_size(cfg, accelerator, bundle, reporter)
+        cfg = with_batch_size(cfg, batch_size)
     set_seed(cfg.train.seed)  # identical initial weights on every process
     net = build_network(cfg, len(classes), pre, accelerator.num_processes, reporter.print)
 
@@ -144,6 +148,33 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, re
         lr=lr, steps_per_epoch=steps_per_epoch, meta=meta)
 
 
+def with_batch_size(cfg: RunConfig, batch_size: int) -> RunConfig:
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": batch_size})})
+
+
+def auto_batch_size(cfg: RunConfig, accelerator: Accelerator, bundle: DataBundle, reporter: Reporter) -> int:
+    """data.batch_size auto: the size config.yaml recorded (a resumed run), else the search's, recorded."""
+    layout = RunDir(cfg.run_dir)
+    if isinstance(recorded := layout.load_config().data.batch_size, int):
+        reporter.print(f"data.batch_size auto: {recorded} per process, as this run found it before")
+        return recorded
+    pre = bundle.preprocess
+    aug = cfg.data.augment
+    augment = BatchAugment(pre, aug.crop_padding, aug.hflip, cfg.train.channels_last, aug if bundle.in_memory else None)
+    network = functools.partial(build_network, cfg, len(bundle.classes), pre, 1, lambda *_, **__: None)
+    found = find_batch_size(cfg, accelerator, bundle, network, augment)
+    if found == 0:
+        raise ToolkitError("data.batch_size auto: not even one image per step fits in the device's memory. "
+                           "Choose a smaller model or data.image_size.")
+    capped = " (the cap, data.auto_batch_size_max)" if found == cfg.data.auto_batch_size_max else ""
+    reporter.print(f"data.batch_size auto: {found} per process{capped}, the largest a training step fits "
+                   f"(halving from {cfg.data.auto_batch_size_max}; the smallest over {accelerator.num_processes} process(es))")
+    if accelerator.is_main_process:
+        layout.write_config(with_batch_size(cfg, found))  # a resume reuses it
+    accelerator.wait_for_everyone()
+    return found
+
+
 def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_forward) -> tuple[str, object]:
     """The precision validation runs in and the callable that runs it. By default fp32, as evaluate,
     predict, the export and TorchServe run the checkpoint: Accelerate bakes the training autocast into
@@ -165,6 +196,10 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> tuple[RunS
         raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
                            f"train.run_name, or set train.overwrite: true to delete it.")
     changes = config_changes(layout.load_config(), cfg) if state is not None and layout.config_file.is_file() else []
+    if state is not None and cfg.data.batch_size == "auto" and changes:  # the size the run found, reused
+        found = layout.load_config().data.batch_size
+        cfg = with_batch_size(cfg, found) if isinstance(found, int) else cfg
+        changes = [c for c in changes if c.key != "data.batch_size"]
     if state is not None:
         check_resume(changes, state["epoch"], cfg)
     accelerator.wait_for_everyone()
