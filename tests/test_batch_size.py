@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 import toolkit.batch_size
-from conftest import train_run
+from conftest import ROOT, train_run
 
 
 def inject_limit(monkeypatch, limit: int) -> list[int]:
@@ -49,10 +50,23 @@ def test_auto_on_the_cpu_stops_at_the_cap(tmp_path, capsys):
 
 
 def test_auto_when_nothing_fits_is_a_clear_error(tmp_path, monkeypatch):
-    import pytest
-
     from toolkit.errors import ToolkitError
 
     inject_limit(monkeypatch, 0)
     with pytest.raises(ToolkitError, match="not even one image per step fits"):
         train_run(tmp_path, "data.batch_size=auto", "data.auto_batch_size_max=4")
+
+
+@pytest.mark.distributed
+def test_two_processes_agree_on_the_smallest_size_found(tmp_path):
+    from launching import command, run
+
+    probe = ROOT / "tests" / "oom_probe.py"
+    cmd = command(tmp_path, "two", ["data.batch_size=auto", "data.auto_batch_size_max=64", "train.epochs=1"],
+                  script=probe, script_args=["40,20"])  # process 0 fits 32, process 1 only 16
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["batch_size"] == 16 and summary["effective_batch_size"] == 32 and summary["num_processes"] == 2
+    assert "data.batch_size auto: 16 per process" in result.stdout
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["data"]["batch_size"] == 16
