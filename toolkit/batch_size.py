@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
+from accelerate.utils.memory import should_reduce_batch_size
 
 from toolkit.config import RunConfig
+from toolkit.errors import ToolkitError
 
 
 def step_fits(cfg: RunConfig, accelerator: Accelerator, bundle, network, augment, batch_size: int) -> None:
@@ -50,3 +52,16 @@ def find_batch_size(cfg: RunConfig, accelerator: Accelerator, bundle, network, a
         found = 0
     everyone = accelerator.gather(torch.tensor([found], device=accelerator.device))
     return int(everyone.min())
+
+
+def out_of_memory(cfg: RunConfig, exc: BaseException) -> ToolkitError | None:
+    """The device's out-of-memory error as a ToolkitError naming the batch size and what to change (None
+    for any other error). checkpoints/last still holds the last saved point: --resume continues from it."""
+    if not should_reduce_batch_size(exc):
+        return None
+    size = cfg.data.batch_size
+    what = f"data.batch_size {size}" if size != "auto" else "the batch size data.batch_size auto found"
+    return ToolkitError(f"out of memory training with {what} per process ({str(exc).splitlines()[0][:160]}). "
+                        f"Lower data.batch_size and raise train.grad_accum_steps (now {cfg.train.grad_accum_steps}) "
+                        "to keep the effective batch, or set data.batch_size: auto to find the largest that fits. "
+                        f"{cfg.run_dir} is kept: --resume continues from checkpoints/last.")

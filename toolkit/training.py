@@ -143,9 +143,22 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | s
         cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), keeper=Keeper(cfg.run_dir),
         bundle=bundle, net=net, model=model, forward=forward, eval_forward=eval_forward, eval_precision=eval_precision, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, augment=augment,
-        criterion=functools.partial(F.cross_entropy, label_smoothing=cfg.train.label_smoothing),
+        criterion=functools.partial(class_index_loss, len(classes), cfg.train.label_smoothing),
         clip_grad_norm=cfg.train.clip_grad_norm, batch_size=batch_size, effective_batch_size=effective_batch,
         lr=lr, steps_per_epoch=steps_per_epoch, meta=meta)
+
+
+def class_index_loss(num_classes: int, label_smoothing: float, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, with labels that are not class indices (floats, one-hot, out of range) a ToolkitError:
+    the check costs nothing in a good step (torch raises; no value is read from the device)."""
+    try:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    except (IndexError, RuntimeError, ValueError) as exc:
+        if labels.dtype == torch.long and labels.ndim == 1 and "out of bounds" not in str(exc):
+            raise
+        raise ToolkitError(f"labels must be class indices: integers 0..{num_classes - 1}, one per image (the dataset has "
+                           f"{num_classes} classes); got a {labels.dtype} tensor of shape {list(labels.shape)} ({exc}). "
+                           "Check the dataset's targets (e.g. data.num_classes, or the class folders).") from None
 
 
 def with_batch_size(cfg: RunConfig, batch_size: int) -> RunConfig:
