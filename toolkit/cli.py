@@ -153,7 +153,14 @@ def cmd_train(args) -> int:
 
     from toolkit.preempt import EXIT_RESUME, RESUMABLE
 
-    summary = train(cfg, notes=notes)
+    from toolkit.batch_size import out_of_memory
+
+    try:
+        summary = train(cfg, notes=notes)
+    except RuntimeError as exc:  # the allocator's out of memory: a message naming the batch size, no traceback
+        if (oom := out_of_memory(cfg, exc)) is None:
+            raise
+        raise oom from None
     if summary.get("status") in RESUMABLE:  # saved mid-epoch; preempt.py said where and how to resume
         return EXIT_RESUME
     if summary.get("status") != "complete" and summary.get("epochs_completed", 0) < cfg.train.epochs:

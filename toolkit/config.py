@@ -7,7 +7,7 @@ Imports neither torch nor accelerate, so a bad config is reported in well under 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -27,6 +27,28 @@ class AugmentConfig(Section):
     mix_prob: float = Field(1.0, ge=0, le=1, description="Share of training batches mixed when mixup_alpha or cutmix_alpha is on; train accuracy is then counted against each image's dominant label.")
     crop_padding: int = Field(0, ge=0, description="Random crop of image_size after zero padding by this many pixels (0 = off).")
     hflip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
+    resized_crop_scale: Optional[list[float]] = Field(None, min_length=2, max_length=2, description="Random resized crop (torchvision's RandomResizedCrop, first of the augmentations): a box of this range of the image's area, e.g. [0.08, 1.0] as ImageNet training uses, resized back to image_size; null = off.")
+    resized_crop_ratio: list[float] = Field([3 / 4, 4 / 3], min_length=2, max_length=2, description="Random resized crop: range of the box's width / height.")
+    trivial_augment: bool = Field(False, description="TrivialAugment (torchvision's TrivialAugmentWide): per image one of 14 operations at a random strength.")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="Colour jitter: brightness, contrast and saturation each scaled by a factor drawn from [1 - x, 1 + x], in a random order per image (no hue); 0 = off.")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="Random erasing (torchvision's RandomErasing, last): probability of filling a random box (2-33% of the area) with the mean colour; 0 = off.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AugmentConfig":
+        problems = []
+        for key, top in (("resized_crop_scale", 1.0), ("resized_crop_ratio", None)):
+            pair = getattr(self, key)
+            if pair is not None and not (0 < pair[0] <= pair[1] and (top is None or pair[1] <= top)):
+                allowed = "0 < low <= high <= 1" if top else "0 < low <= high"
+                problems.append((key, list(pair), f"must be [low, high] with {allowed}"))
+        if problems:
+            raise _cross_field_error(problems)
+        return self
+
+    @property
+    def imagenet_style(self) -> bool:
+        """Whether any of the torchvision-style augmentations is on (a per-sample transform in the loader pipeline)."""
+        return bool(self.resized_crop_scale or self.trivial_augment or self.color_jitter or self.random_erasing)
 
 
 class DataConfig(Section):
@@ -40,7 +62,8 @@ class DataConfig(Section):
     std: Optional[list[float]] = Field(None, description="Per-channel normalisation std; null = the dataset's default.")
     num_classes: int = Field(10, ge=2, description="Number of classes (synthetic data only; other sources read it from the data).")
     synthetic_samples: int = Field(1024, ge=2, description="Number of images (synthetic data only), before the validation split.")
-    batch_size: int = Field(64, gt=0, description="Images per process per step (before gradient accumulation).")
+    batch_size: Union[int, Literal["auto"]] = Field(64, description="Images per process per step (before gradient accumulation); auto: the largest that fits in the device's memory, halving from auto_batch_size_max, the smallest over all processes, printed at the start, recorded in the run's config.yaml and summary.json and reused on resume.")
+    auto_batch_size_max: int = Field(256, gt=0, description="batch_size auto: the size the search starts at and never exceeds (on the CPU, where memory does not run out the same way, the search lands here).")
     eval_batch_size: Optional[int] = Field(None, gt=0, description="Images per process per evaluation step; null = 2 x batch_size.")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training set held out for validation where the source has no validation split.")
     split_seed: int = Field(0, description="Seed of the train/validation split (kept apart from train.seed so the split never moves).")
@@ -73,6 +96,8 @@ class DataConfig(Section):
             problems.append(("root", self.root, "does not exist or is not a directory (expected class folders, or train/ and val/ of class folders)"))
         if self.name == "imagefolder" and self.download:
             problems.append(("download", True, "imagefolder data cannot be downloaded"))
+        if isinstance(self.batch_size, int) and self.batch_size <= 0:
+            problems.append(("batch_size", self.batch_size, "must be greater than 0, or auto"))
         for key in ("mean", "std"):
             values = getattr(self, key)
             if values is not None and self.channels is not None and len(values) != self.channels:
@@ -249,6 +274,13 @@ class RunConfig(Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _check_auto_batch(self) -> "RunConfig":
+        if self.data.batch_size == "auto" and self.optim.lr_scaling != "none" and not self.optim.lr_base_batch_size:
+            raise _cross_field_error([("optim.lr_base_batch_size", None, "is required with data.batch_size auto and "
+                                       "optim.lr_scaling: the batch size optim.lr was tuned for")])
+        return self
 
     def resolved(self) -> "RunConfig":
         """The config with the data's own values in place of null (DataConfig.resolved)."""

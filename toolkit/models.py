@@ -28,16 +28,37 @@ def register(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return add
 
 
-def _flat_size(features: nn.Module, channels: int, image_size: int, model: str) -> int:
-    """Features' output size for one C x S x S image (follows any input size)."""
+class ImageSizeError(ToolkitError):
+    """A network that cannot take the configured image size; `detail` names the failing layer."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+def probe(net: nn.Module, channels: int, image_size: int) -> tuple[torch.Tensor | None, str, Exception | None]:
+    """One zero image through `net` in eval mode: (output or None, the last layer entered, the error)."""
+    entered = [""]
+    hooks = [m.register_forward_pre_hook(lambda _m, _i, name=f"{n} ({type(m).__name__})": entered.__setitem__(0, name))
+             for n, m in net.named_modules() if not list(m.children())]
     try:
         with torch.no_grad():  # eval: a probe must not move BatchNorm running statistics
-            size = features.eval()(torch.zeros(1, channels, image_size, image_size)).flatten(1).shape[1]
-        features.train()
-        return size
-    except RuntimeError as exc:
-        raise ToolkitError(f"model {model!r} cannot take {channels}x{image_size}x{image_size} images "
-                           f"(data.image_size too small?): {exc}") from None
+            return net.eval()(torch.zeros(1, channels, image_size, image_size)), entered[0], None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return None, entered[0], exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train()
+
+
+def _flat_size(features: nn.Module, channels: int, image_size: int, model: str) -> int:
+    """Features' output size for one C x S x S image (follows any input size)."""
+    out, layer, exc = probe(features, channels, image_size)
+    if out is None:
+        detail = f"layer features.{layer}: {exc}"
+        raise ImageSizeError(f"model {model!r} cannot take {channels}x{image_size}x{image_size} images: {detail}", detail)
+    return out.flatten(1).shape[1]
 
 
 class Classifier(nn.Module):
@@ -187,9 +208,25 @@ def _offline_hint(name: str, weights: str | None) -> str:
 
 
 def check_model(name: str, args: dict, channels: int, image_size: int) -> None:
-    """The configured model builds for this input (name, arguments, image size), checked without any
-    weights before the run directory is taken or the data read; a ToolkitError says what is wrong."""
-    build_model(name, 2, channels, image_size, args)
+    """The configured model builds and runs for this input, checked without weights before the run directory
+    is taken or the data read; a ToolkitError says what is wrong (a size too small: the layer, a size that works)."""
+    if (failure := _size_failure(name, args, channels, image_size)) is None:
+        return
+    net = None if name in BUILDERS else build_model(name, 2, channels, image_size, args)  # one size fits all
+    works = next((size for size in range(image_size + 1, 513) if (_size_failure(name, args, channels, size) if net is None
+                                                                  else probe(net, channels, size)[2]) is None), None)
+    hint = f"data.image_size: {works} (the smallest that works) or larger" if works else "a larger data.image_size"
+    raise ToolkitError(f"model.name: {name!r} cannot take {channels}x{image_size}x{image_size} images: {failure}. "
+                       f"Use {hint}, or another model.") from None
+
+
+def _size_failure(name: str, args: dict, channels: int, image_size: int) -> str | None:
+    try:
+        net = build_model(name, 2, channels, image_size, args)
+    except ImageSizeError as exc:
+        return exc.detail
+    _, layer, exc = probe(net, channels, image_size)
+    return None if exc is None else f"layer {layer}: {exc}"
 
 
 def parameter_counts(model: nn.Module) -> str:
@@ -228,6 +265,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> str:
     if not usable:
         raise ToolkitError(f"model.pretrained_weights: {path} shares no tensor with {type(model).__name__} "
                            f"(first keys: {', '.join(list(state)[:3])})")
+    head = head_name(model) + "."
+    missing = [k for k in own if k not in state and not k.startswith(head)]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {list(state[k].shape)} (model {list(own[k].shape)})" for k in state
+                if k in own and own[k].shape != state[k].shape and not k.startswith(head)]
+    if missing or unexpected or reshaped:
+        listed = lambda keys: ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")  # noqa: E731
+        parts = [f"{what} {listed(keys)}" for what, keys in (("missing keys:", missing), ("unexpected keys:", unexpected),
+                                                               ("other shapes:", reshaped)) if keys]
+        raise ToolkitError(f"model.pretrained_weights: {path} does not match the model {type(model).__name__} (only "
+                           f"the head, {head[:-1]}, may differ): {'; '.join(parts)}. Use weights of this model.name.")
     model.load_state_dict(usable, strict=False)
     skipped = len(own) - len(usable)
     return f"loaded {len(usable)} tensors from {path}" + (f", {skipped} left as initialised (head)" if skipped else "")

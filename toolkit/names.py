@@ -1,5 +1,5 @@
-"""Torch-free registries read by config.py, models.py and data.py: the seed models' names and the
-datasets' specs. Adding a dataset is one entry in DATASETS (and its loader in data.py if it is new)."""
+"""Torch-free registries read by config.py, models.py and data/: the seed models' names and the
+datasets' specs. Adding a dataset is one entry in DATASETS (and its reader in data/sources.py if it is new)."""
 
 from __future__ import annotations
 

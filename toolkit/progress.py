@@ -21,6 +21,7 @@ def data_line(run: Training) -> str:
     return (f"{cfg.data.name}: {len(bundle.train)} train / {len(bundle.val)} val images, {len(bundle.classes)} classes, "
             f"{pre['channels']}x{pre['image_size']}x{pre['image_size']}, mean {_rounded(pre['mean'])} std "
             f"{_rounded(pre['std'])}, {bundle.pipeline} pipeline | {cfg.model.name}: {parameter_counts(run.net)} | "
+            f"batch {run.batch_size} per process, "
             f"effective batch {run.effective_batch_size} | lr {run.lr:g}")
 
 

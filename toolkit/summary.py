@@ -26,7 +26,8 @@ def write_summary(run: Training, status: str) -> dict:
         "final_val_acc": history[-1]["val_acc"] if history else None,
         "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
         "eval_precision": history[-1]["eval_precision"] if history else None,
-        "channels_last": cfg.train.channels_last, "effective_batch_size": run.effective_batch_size,
+        "channels_last": cfg.train.channels_last, "batch_size": run.batch_size,
+        "effective_batch_size": run.effective_batch_size,
         "train_images_per_s": sum(rates) / len(rates) if rates else 0.0,
         "wall_s": state.wall_s + time.perf_counter() - run.t0, "device": accelerator.device.type,
         "batches_done": state.batches_done, "last_save_s": run.save_s,  # where a mid-epoch stop saved, how fast

@@ -16,7 +16,8 @@ from accelerate.utils import set_seed
 
 from toolkit.checkpoint import Keeper
 from toolkit.config import RunConfig
-from toolkit.augment import BatchAugment
+from toolkit.augment import BatchAugment, loader_transform
+from toolkit.batch_size import find_batch_size
 from toolkit.data import DataBundle, build_data, build_loaders, num_steps
 from toolkit.errors import ToolkitError
 from toolkit.hooks import Requests
@@ -111,11 +112,14 @@ def build_network(cfg: RunConfig, num_classes: int, pre: dict, num_processes: in
     return net
 
 
-def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, reporter: Reporter) -> Training:
+def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | str, reporter: Reporter) -> Training:
     """Data, network, optimizer, loaders, prepare, schedule, compile and augmentation for `batch_size`
     images per device. Seeds the global RNG: the same initial weights on every process."""
-    bundle = build_data(cfg.data)
+    bundle = build_data(cfg.data)  # read once, whatever the batch size
     pre, classes = bundle.preprocess, bundle.classes
+    if batch_size == "auto":
+        batch_size = auto_batch_size(cfg, accelerator, bundle, reporter)
+        cfg = with_batch_size(cfg, batch_size)
     set_seed(cfg.train.seed)  # identical initial weights on every process
     net = build_network(cfg, len(classes), pre, accelerator.num_processes, reporter.print)
 
@@ -130,16 +134,59 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int, re
     scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
     forward = torch.compile(model) if cfg.train.compile else model
     eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
-    augment = BatchAugment(pre, cfg.data.augment.crop_padding, cfg.data.augment.hflip, cfg.train.channels_last)
+    aug = cfg.data.augment
+    if not bundle.in_memory:  # ImageNet-style augmentation per sample in the workers, else on whole batches
+        bundle.train.transform = loader_transform(aug, pre)
+    augment = BatchAugment(pre, aug.crop_padding, aug.hflip, cfg.train.channels_last, aug if bundle.in_memory else None)
     meta = Meta(model={"name": cfg.model.name, "args": cfg.model.args}, num_classes=len(classes), classes=classes,
                 **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std", "preprocess_version")})
     return Training(
         cfg=cfg, accelerator=accelerator, reporter=reporter, layout=RunDir(cfg.run_dir), keeper=Keeper(cfg.run_dir),
         bundle=bundle, net=net, model=model, forward=forward, eval_forward=eval_forward, eval_precision=eval_precision, optimizer=optimizer,
         scheduler=scheduler, train_loader=train_loader, val_loader=val_loader, augment=augment,
-        criterion=functools.partial(F.cross_entropy, label_smoothing=cfg.train.label_smoothing),
+        criterion=functools.partial(class_index_loss, len(classes), cfg.train.label_smoothing),
         clip_grad_norm=cfg.train.clip_grad_norm, batch_size=batch_size, effective_batch_size=effective_batch,
         lr=lr, steps_per_epoch=steps_per_epoch, meta=meta)
+
+
+def class_index_loss(num_classes: int, label_smoothing: float, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, with labels that are not class indices (floats, one-hot, out of range) a ToolkitError:
+    the check costs nothing in a good step (torch raises; no value is read from the device)."""
+    try:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    except (IndexError, RuntimeError, ValueError) as exc:
+        if labels.dtype == torch.long and labels.ndim == 1 and "out of bounds" not in str(exc):
+            raise
+        raise ToolkitError(f"labels must be class indices: integers 0..{num_classes - 1}, one per image (the dataset has "
+                           f"{num_classes} classes); got a {labels.dtype} tensor of shape {list(labels.shape)} ({exc}). "
+                           "Check the dataset's targets (e.g. data.num_classes, or the class folders).") from None
+
+
+def with_batch_size(cfg: RunConfig, batch_size: int) -> RunConfig:
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": batch_size})})
+
+
+def auto_batch_size(cfg: RunConfig, accelerator: Accelerator, bundle: DataBundle, reporter: Reporter) -> int:
+    """data.batch_size auto: the size config.yaml recorded (a resumed run), else the search's, recorded."""
+    layout = RunDir(cfg.run_dir)
+    if isinstance(recorded := layout.load_config().data.batch_size, int):
+        reporter.print(f"data.batch_size auto: {recorded} per process, as this run found it before")
+        return recorded
+    pre = bundle.preprocess
+    aug = cfg.data.augment
+    augment = BatchAugment(pre, aug.crop_padding, aug.hflip, cfg.train.channels_last, aug if bundle.in_memory else None)
+    network = functools.partial(build_network, cfg, len(bundle.classes), pre, 1, lambda *_, **__: None)
+    found = find_batch_size(cfg, accelerator, bundle, network, augment)
+    if found == 0:
+        raise ToolkitError("data.batch_size auto: not even one image per step fits in the device's memory. "
+                           "Choose a smaller model or data.image_size.")
+    capped = " (the cap, data.auto_batch_size_max)" if found == cfg.data.auto_batch_size_max else ""
+    reporter.print(f"data.batch_size auto: {found} per process{capped}, the largest a training step fits "
+                   f"(halving from {cfg.data.auto_batch_size_max}; the smallest over {accelerator.num_processes} process(es))")
+    if accelerator.is_main_process:
+        layout.write_config(with_batch_size(cfg, found))  # a resume reuses it
+    accelerator.wait_for_everyone()
+    return found
 
 
 def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_forward) -> tuple[str, object]:
@@ -163,6 +210,10 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> tuple[RunS
         raise ToolkitError(f"{run_dir} already holds {what}. Resume it with --resume, choose another "
                            f"train.run_name, or set train.overwrite: true to delete it.")
     changes = config_changes(layout.load_config(), cfg) if state is not None and layout.config_file.is_file() else []
+    if state is not None and cfg.data.batch_size == "auto" and changes:  # the size the run found, reused
+        found = layout.load_config().data.batch_size
+        cfg = with_batch_size(cfg, found) if isinstance(found, int) else cfg
+        changes = [c for c in changes if c.key != "data.batch_size"]
     if state is not None:
         check_resume(changes, state["epoch"], cfg)
     accelerator.wait_for_everyone()

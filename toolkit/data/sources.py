@@ -1,115 +1,19 @@
-"""Datasets -> DataBundle: uint8 images at the model's size (in memory or per sample), class names and
-the evaluation preprocessing; the loaders that feed them (augmentation is toolkit/augment.py)."""
+"""Datasets -> DataBundle: the configured source (synthetic, digits, a torchvision dataset, an image
+folder) read into uint8 images at the model's size and channels, split into train and validation."""
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from toolkit.config import DataConfig
-from toolkit.errors import ImageFileError, ToolkitError
+from toolkit.data.pipelines import DataBundle, FileImages, TensorImages, _choose_pipeline, _decode_all
+from toolkit.errors import ToolkitError
 from toolkit.names import DATASETS
-from toolkit.preprocess import PREPROCESS_VERSION, READ_ERRORS, Limits, Preprocess, is_image_file, load_uint8, resize_uint8
-
-
-
-class TensorImages(Dataset):
-    """uint8 images N x C x H x W and labels N, fetched a whole batch per index (no per-sample work).
-
-    With `resize` (size, policy), images are kept at their own size and resized a batch at a time:
-    for sets that would not fit in memory at the model's size (CIFAR at 224 would be 9 GB)."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, resize: tuple[int, str] | None = None):
-        self.images, self.labels, self.resize = images, labels, resize
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def _sized(self, images: torch.Tensor) -> torch.Tensor:
-        return images if self.resize is None else resize_uint8(images, *self.resize)
-
-    def __getitem__(self, index: int):
-        return self._sized(self.images[index]), self.labels[index]
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices)
-        return self._sized(self.images[index]), self.labels[index]
-
-
-class FileImages(Dataset):
-    """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory.
-    A file that cannot be read, or is above `limits`, stops the run with a ToolkitError naming it."""
-
-    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None):
-        self.samples, self.pre, self.limits = samples, pre, limits
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            return load_uint8(path, self.pre, self.limits), label
-        except READ_ERRORS as exc:
-            raise ImageFileError(f"{path}: cannot use this image: {exc}") from None
-
-
-def _pass_through(batch):
-    return batch
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation drawn from (seed, epoch): identical on every process, reproducible on resume."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator)
-
-    def __iter__(self):
-        return iter(self.order().tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class SliceBatches(BatchSampler):
-    """The batches of BatchSampler(sampler, batch_size, drop_last), cut from one index tensor per
-    epoch instead of collected index by index in Python. Yields lists (Accelerate's sharding pads
-    a short last batch by list concatenation); `sampler.set_epoch` still reaches the sampler."""
-
-    def __iter__(self):
-        order = self.sampler.order() if hasattr(self.sampler, "order") else torch.arange(len(self.sampler))
-        for batch in order.split(self.batch_size):
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            yield batch.tolist()
-
-
-@dataclass
-class DataBundle:
-    train: Dataset
-    val: Dataset
-    classes: list[str]
-    preprocess: Preprocess
-    pipeline: str  # "memory" or "loader"
-    source_side: int | None = None  # the source images' typical short side, before resizing
-
-    @property
-    def in_memory(self) -> bool:
-        return self.pipeline == "memory"
+from toolkit.preprocess import PREPROCESS_VERSION, Limits, Preprocess, is_image_file, resize_uint8
 
 
 def build_data(cfg: DataConfig) -> DataBundle:
@@ -148,12 +52,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * val_fraction))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
-
-
-def _choose_pipeline(cfg: DataConfig, nbytes: int) -> str:
-    if cfg.pipeline != "auto":
-        return cfg.pipeline
-    return "memory" if nbytes <= cfg.memory_limit_mb * 2**20 else "loader"
 
 
 def _conform(images: torch.Tensor, channels: int, size: int, policy: str) -> torch.Tensor:
@@ -261,40 +159,3 @@ def _typical_side(paths: list[str], probes: int = 64) -> int | None:
             sides.append(min(image.size))
     return sorted(sides)[len(sides) // 2] if sides else None
 
-
-def _decode_all(files: FileImages) -> TensorImages:
-    """Decode every file once, with a worker per core, into one preallocated uint8 tensor."""
-    pre = files.pre
-    images = torch.empty((len(files), pre["channels"], pre["image_size"], pre["image_size"]), dtype=torch.uint8)
-    labels = torch.empty(len(files), dtype=torch.long)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    loader = DataLoader(files, batch_size=256, num_workers=min(cores, len(files) // 256), shuffle=False)
-    start = 0
-    for batch_images, batch_labels in loader:
-        images[start:start + len(batch_labels)] = batch_images
-        labels[start:start + len(batch_labels)] = batch_labels
-        start += len(batch_labels)
-    return TensorImages(images, labels)
-
-
-def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
-    """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
-    sampler = EpochShuffle(len(bundle.train), seed)  # one index tensor per batch: no per-sample Python
-    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
-    # Iterators take their seeds from this generator, never from the global RNG (which drives the
-    # augmentation): both pipelines, and a resumed run, then draw the same augmentation stream.
-    generator = torch.Generator().manual_seed(seed)
-    if bundle.in_memory:  # the batch is one tensor index: workers would only add copies
-        common = dict(num_workers=0, collate_fn=_pass_through, generator=generator)
-    else:
-        common = dict(num_workers=cfg.num_workers, pin_memory=pin_memory,
-                      persistent_workers=cfg.num_workers > 0,
-                      prefetch_factor=4 if cfg.num_workers > 0 else None, generator=generator)
-    train = DataLoader(bundle.train, batch_sampler=SliceBatches(sampler, cfg.batch_size, False), **common)
-    val = DataLoader(bundle.val, batch_sampler=SliceBatches(SequentialSampler(bundle.val), eval_batch, False), **common)
-    return train, val
-
-
-def num_steps(loader_len: int, grad_accum_steps: int) -> int:
-    """Optimizer steps per epoch for a per-process loader of loader_len batches."""
-    return math.ceil(loader_len / grad_accum_steps)
