@@ -11,10 +11,10 @@ CONSTRAINTS := constraints.txt
 # machines, still applies): `make test-latest`, or `make test-latest TESTS=...` for some tests.
 LATEST := .venv-latest
 TESTS ?=
-# The suite runs on two workers (pytest-xdist; tests/conftest.py groups what shares a costly fixture):
+# The suite runs on two workers (pytest-xdist, a module whole to one worker; tests/conftest.py orders them):
 # `make test WORKERS=0` runs it in one process.
 WORKERS ?= 2
-PYTEST_WORKERS = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+PYTEST_WORKERS = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 # What CI runs against the newest releases after `make test`: the tests that meet Accelerate,
 # pydantic and TorchServe where a new release breaks users (config, user errors under every
 # launcher, the handler and a real TorchServe).

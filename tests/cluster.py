@@ -7,12 +7,14 @@ addresses made here (10.213.N.0/24) and to loopback."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -184,6 +186,10 @@ class Slurm:
     """munged + slurmctld on the host, a slurmd per node of `nodes`, all of this test session."""
 
     def __init__(self, nodes: Nodes, root: Path):
+        # one cluster at a time on this machine (the suite's two workers may each want one): its munged,
+        # slurmctld and node names are machine-wide enough not to be shared
+        self._lock = open(Path(tempfile.gettempdir()) / "toolkit-slurm.lock", "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.nodes, self.dir = nodes, root
         for sub in ("state", "spool", "munge"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -273,3 +279,4 @@ class Slurm:
             _stop(self.dir / f"slurmd.{name}.pid")
         _stop(self.dir / "slurmctld.pid")
         _stop(self.dir / "munge" / "munged.pid")
+        self._lock.close()  # the next cluster may start

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,10 +87,25 @@ def demo(tmp_path_factory):
     runs/digits). HOME is a temporary folder, so the server's state (and the key `toolkit predict --url`
     reads without --token) lives there. Returns (run dir, result); shared by the end-to-end serving
     tests and the README walk-through, which goes on from it."""
-    root = tmp_path_factory.mktemp("demo")
-    result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root, env=demo_env(root),
+    # a short path, not pytest's (longer still under a worker's popen-gwN): TorchServe's unix sockets live
+    # in the server's state directory under HOME
+    root = Path(tempfile.mkdtemp(prefix="demo-"))
+    from test_serve_e2e import free_port_block  # demo.sh's own choice (from 18080) could race another worker's
+
+    result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root,
+                            env={**demo_env(root), "DEMO_PORT": str(free_port_block())},
                             capture_output=True, text=True, timeout=900)
-    return root / "runs" / "digits", result
+    yield root / "runs" / "digits", result
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def short_tmp():
+    """A directory with a short path for a TorchServe state root (its unix sockets live there, and pytest's
+    own directories are long, longer still under a worker's popen-gwN)."""
+    root = Path(tempfile.mkdtemp(prefix="ts-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def demo_env(root: Path) -> dict:
@@ -112,26 +129,14 @@ def format_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-# `make test` runs the suite on two workers (pytest-xdist, --dist loadgroup). A module goes to one worker
-# whole, so its module fixtures are built once; the modules that share a costly session fixture go to the
-# same worker (`demo`: a training, an export and a TorchServe start; `format_runs`: an AOTInductor compile);
-# the longest groups are handed out first, so that neither worker is left with a long one at the end.
-SHARED = ("demo", "format_runs")
-# modules that start the same kind of machine-wide service, one at a time: a Slurm cluster in namespaces
-TOGETHER = {"test_cluster.py": "slurm", "test_sweep_slurm.py": "slurm"}
-LONGEST = ("demo", "format_runs", "slurm", "test_gpu_check.py", "test_kill_resume.py", "test_distributed.py",
-           "test_launch_errors.py", "test_preempt_signals.py", "test_handler.py", "test_precision.py")
+# `make test` runs the suite on two workers (pytest-xdist, --dist loadfile): a module goes to one worker whole,
+# so its module fixtures are built once; the longest modules are handed out first, so that neither worker is
+# left with a long one at the end. (A session fixture is built once per worker that needs it.)
+LONGEST = ("test_serve_e2e.py", "test_readme.py", "test_formats.py", "test_handler_formats.py", "test_cluster.py",
+           "test_gpu_check.py", "test_kill_resume.py", "test_sweep_slurm.py", "test_distributed.py", "test_ema.py",
+           "test_sweep.py", "test_launch_errors.py", "test_preempt_signals.py", "test_handler.py", "test_precision.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    shared = {}  # module -> the shared fixture one of its tests uses
-    for item in items:
-        shared.setdefault(item.path, next((name for name in SHARED if name in item.fixturenames), None))
-        if shared[item.path] is None:
-            shared[item.path] = next((name for name in SHARED if name in item.fixturenames), None)
-    rank = {}
-    for item in items:
-        group = shared[item.path] or TOGETHER.get(item.path.name, item.path.name)
-        item.add_marker(pytest.mark.xdist_group(group))
-        rank[item.nodeid] = LONGEST.index(group) if group in LONGEST else len(LONGEST)
-    items.sort(key=lambda item: rank[item.nodeid])  # stable: each module's own order is kept
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: each module's own order is kept

@@ -150,7 +150,7 @@ sys.meta_path.insert(0, NoToolkit())
 
 
 @pytest.mark.serve
-def test_real_torchserve_serves_every_format_without_the_toolkit(archives, handlers, tmp_path, monkeypatch):
+def test_real_torchserve_serves_every_format_without_the_toolkit(archives, handlers, short_tmp, tmp_path, monkeypatch):
     """One TorchServe holding the three archives; its workers cannot import the toolkit (a sitecustomize
     on PYTHONPATH blocks it). Every request of a concurrent burst gets its own status, and the good ones
     the in-process answer."""
@@ -164,7 +164,7 @@ def test_real_torchserve_serves_every_format_without_the_toolkit(archives, handl
     site.mkdir()
     (site / "sitecustomize.py").write_text(NO_TOOLKIT_SITE)
     monkeypatch.setenv("PYTHONPATH", str(site))
-    port, state_root = free_port_block(), tmp_path / "state"
+    port, state_root = free_port_block(), short_tmp / "state"
     started = time.perf_counter()
     info = server.start_server(store, port=port, state_root=state_root, timeout=240)
     try:

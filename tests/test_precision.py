@@ -151,6 +151,8 @@ def test_bf16_trains_under_autocast_and_validates_as_asked(tmp_path, monkeypatch
     monkeypatch.setattr(AutocastProbe, "seen", [])
     _, summary = train_run(tmp_path, "model.name=autocast_probe", "train.mixed_precision=bf16",
                            f"train.eval_precision={eval_precision}", "train.epochs=1")
+    # first, models.check_model's one fp32 forward of a model of its own, before the run directory is taken
+    assert AutocastProbe.seen.pop(0) == (False, torch.float32)
     train_dtypes = {dtype for training, dtype in AutocastProbe.seen if training}
     val_dtypes = {dtype for training, dtype in AutocastProbe.seen if not training}
     assert train_dtypes == {torch.bfloat16} and val_dtypes == {val_dtype}

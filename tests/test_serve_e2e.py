@@ -302,13 +302,13 @@ def test_each_start_issues_its_own_keys(demo, served):
     assert demo_keys and key(info) not in demo_keys
 
 
-def test_busy_ports_and_too_long_state_paths_are_refused_before_starting(served, tmp_path):
+def test_busy_ports_and_too_long_state_paths_are_refused_before_starting(served, short_tmp, tmp_path):
     info, _ = served
     with pytest.raises(ToolkitError, match=rf"port {info.port} \(inference\).*already in use"):
-        server.start_server(info.model_store, port=info.port, state_root=tmp_path / "other")
+        server.start_server(info.model_store, port=info.port, state_root=short_tmp / "other")
     with pytest.raises(ToolkitError, match="too long for TorchServe's unix sockets"):
         server.start_server(info.model_store, port=free_port_block(), state_root=tmp_path / ("x" * 120))
-    assert not list((tmp_path / "other" / str(info.port) / "logs").glob("*"))  # nothing was started
+    assert not list((short_tmp / "other" / str(info.port) / "logs").glob("*"))  # nothing was started
 
 
 def test_profiling_puts_the_handler_phase_times_in_torchserve_metrics(served):
@@ -351,7 +351,7 @@ def test_profiling_puts_the_handler_phase_times_in_torchserve_metrics(served):
     assert exported["ts_handler_inference"] == pytest.approx(found["inference"][-1], rel=1e-3)
 
 
-def test_a_model_that_cannot_load_fails_fast_with_its_log(served, tmp_path):
+def test_a_model_that_cannot_load_fails_fast_with_its_log(served, short_tmp, tmp_path):
     """Started next to the running server: its own ports, state and processes."""
     info, _ = served
     run = tmp_path / "broken"
@@ -359,7 +359,7 @@ def test_a_model_that_cannot_load_fails_fast_with_its_log(served, tmp_path):
     pre = json.loads((run / "export" / "preprocess.json").read_text())
     (run / "export" / "preprocess.json").write_text(json.dumps({**pre, "channels": 5}))
     archive.build_archive(run, name="broken")
-    port, state_root = free_port_block(), tmp_path / "state"
+    port, state_root = free_port_block(), short_tmp / "state"
     try:
         with pytest.raises(ToolkitError, match="worker died") as failure:
             server.start_server(run / "model-store", port=port, state_root=state_root, timeout=90)

@@ -69,6 +69,7 @@ def test_eval_batch_size_sets_the_validation_batches(tmp_path, monkeypatch):
         setting = [] if eval_batch is None else [f"data.eval_batch_size={eval_batch}"]
         run_dir, summary = train_run(tmp_path, "model.name=autocast_probe", "train.epochs=1", *setting,
                                      name=f"eval{eval_batch}")
+        assert AutocastProbe.seen.pop(0)[0] is False  # models.check_model's one forward, before training
         assert [training for training, _ in AutocastProbe.seen].count(False) == forwards
         assert summary["val_samples"] == 128
 
