@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -186,7 +187,7 @@ def test_real_torchserve_serves_every_format_without_the_toolkit(archives, handl
                     assert list(answer) == list(want) and list(answer.values()) == pytest.approx(list(want.values()), abs=1e-5)
         log = (info.state_dir / "logs" / "model_log.log").read_text(errors="replace")
         for model_file in ("model.pt", "model.onnx", "model.pt2"):
-            assert f"loaded {model_file} from" in log, model_file
+            assert re.search(rf"loaded {re.escape(model_file)} \(fp32\) from", log), model_file
         assert "blocked by the test's sitecustomize" not in log
     finally:
         server.stop_server(port, state_root)
