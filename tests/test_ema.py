@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import accelerate_launch, read_jsonl, train_run
+from test_preempt import StopAt
 from toolkit.hooks import Hook
 
 # smoke.yaml at 128 images: 96 for training in batches of 8 = 12 optimizer steps an epoch; bn_cnn brings
@@ -32,15 +33,6 @@ class Recorder(Hook):
 
     def after_optimizer_step(self, run, global_step):
         self._take(run)
-
-
-class StopAt(Hook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def after_optimizer_step(self, run, global_step: int) -> None:
-        if global_step == self.step:
-            run.requests.ask_stop("requested")
 
 
 def by_hand(states: list[dict], decay: float, warmup: int, steps: int) -> dict:

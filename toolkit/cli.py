@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--out", type=Path, required=True)
     samples.add_argument("-n", "--count", type=int, default=8)
 
+    _predict_parser(sub)
+    _serve_parser(sub)
+    _sweep_parser(sub)
+    _compare_parser(sub)
+    return parser
+
+
+def _predict_parser(sub) -> None:
     predict = sub.add_parser("predict", help="top-k classes of image files, from a run or from a server")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", type=Path, help="run directory (local inference from checkpoints/best)")
@@ -74,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="print the answers as JSON, one object per image, instead of a table")
     predict.add_argument("images", nargs="+", type=Path)
 
+
+def _serve_parser(sub) -> None:
     serve = sub.add_parser("serve", help="start, stop and inspect a local TorchServe")
     serve_sub = serve.add_subparsers(dest="serve_command", required=True)
     start = serve_sub.add_parser("start", help="start TorchServe on a model store and wait until the models are READY")
@@ -85,9 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = serve_sub.add_parser(name)
         cmd.add_argument("--port", type=int, default=8080)
         cmd.add_argument("--state-root", type=Path)
-    _sweep_parser(sub)
-    _compare_parser(sub)
-    return parser
 
 
 def _sweep_parser(sub) -> None:

@@ -104,21 +104,6 @@ class Tracker(Hook):
     def at_reduce(self, run: Training, global_step: int, loss: float, lr: float) -> None:
         run.accelerator.log({"Loss/train": loss, "lr": lr}, step=global_step)
 
-    def validated(self, run: Training) -> dict[str, torch.nn.Module]:
-        """Modules validated after each epoch besides the trained one, by name: the metrics line gains
-        `val_loss_<name>` and `val_acc_<name>` (an EMA of the weights: `ema`)."""
-        return {}
-
-    def serves(self, run: Training) -> str | None:
-        """The name (from `validated`) of the module checkpoints/best holds, ranked by its val accuracy,
-        hence what export, evaluate and serving use; None leaves it to the trained one."""
-        return None
-
-    def on_validated(self, run: Training, metrics: dict, module: torch.nn.Module, meta: Meta, step: int) -> None:
-        """The epoch is validated and checkpoints/best updated; checkpoints/last not yet written, so a kill
-        now redoes this epoch on resume (where a save that must match the resume state belongs). `module`
-        is what checkpoints/best holds, `meta` its meta.json for this epoch."""
-
     def after_epoch(self, run: Training, metrics: dict) -> None:
         run.accelerator.log({f"epoch/{k}": v for k, v in metrics.items() if k != "epoch" and not isinstance(v, str)},
                             step=metrics["epoch"] * run.steps_per_epoch)
