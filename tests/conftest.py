@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Under pytest-xdist each worker gets its share of the cores for torch's threads, and so does every process
+# it starts (they inherit OMP_NUM_THREADS): two workers of two threads each on two cores oversubscribe them,
+# and OpenMP's spinning threads then run some trainings several times slower. Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 BIN = Path(sys.executable).parent
 # Training precision of every test run unless a test asks for another: `auto` resolves to bf16 on CPUs
 # with AVX512-BF16/AMX and to fp32 elsewhere, and no test may depend on which machine it runs on.

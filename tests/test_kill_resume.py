@@ -9,6 +9,7 @@ import json
 import pytest
 
 from conftest import read_jsonl
+from conftest import ROOT
 from launching import (REFERENCE, Background, command, load_best_weights, load_resume_weights, processes_of,
                        reference_run, run)
 from toolkit.checkpoint import load_best
@@ -16,10 +17,17 @@ from toolkit.checkpoint import load_best
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _killed_at(tmp_path, name: str, kill_point, resume: bool = True) -> Background:
-    """Launch the REFERENCE run (resumed), SIGKILL it and all its processes at kill_point."""
-    launch = Background(command(tmp_path, "run", [*REFERENCE, *(["train.resume=true"] if resume else [])]),
-                        tmp_path / "logs" / name)
+PAUSE_INSIDE = ROOT / "tests" / "pause_inside.py"
+
+
+def _killed_at(tmp_path, name: str, kill_point, resume: bool = True, writing: str | None = None) -> Background:
+    """Launch the REFERENCE run (resumed), SIGKILL it and all its processes at kill_point. With `writing`
+    (a staging directory's name), the run pauses inside that checkpoint's write (tests/pause_inside.py), so
+    that the kill lands there on any machine."""
+    overrides = [*REFERENCE, *(["train.resume=true"] if resume else [])]
+    cmd = (command(tmp_path, "run", overrides) if writing is None else
+           command(tmp_path, "run", overrides, script=PAUSE_INSIDE, script_args=[writing]))
+    launch = Background(cmd, tmp_path / "logs" / name)
     try:
         launch.wait_for(lambda: kill_point(launch))
     finally:
@@ -38,7 +46,8 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
     ckpt = run_dir / "checkpoints"
 
     # 1. while epoch 1's resume state is being written: checkpoints/best is complete, there is no last yet
-    _killed_at(tmp_path, "1", lambda _: (ckpt / ".last-e0001-s0000008.tmp").is_dir(), resume=False)
+    _killed_at(tmp_path, "1", lambda _: (ckpt / ".last-e0001-s0000008.tmp").is_dir(), resume=False,
+               writing=".last-e0001-s0000008.tmp")
     assert (ckpt / ".last-e0001-s0000008.tmp").is_dir() and not (ckpt / "last").exists()
     load_best(run_dir)
     load_best_weights(run_dir)
@@ -53,7 +62,8 @@ def test_sigkill_anywhere_then_resume_ends_like_the_uninterrupted_run(tmp_path_f
     assert [m["epoch"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
 
     # 3. resumed after epoch 1; killed while epoch 2's resume state is being written
-    killed = _killed_at(tmp_path, "3", lambda _: (ckpt / ".last-e0002-s0000016.tmp").is_dir())
+    killed = _killed_at(tmp_path, "3", lambda _: (ckpt / ".last-e0002-s0000016.tmp").is_dir(),
+                        writing=".last-e0002-s0000016.tmp")
     assert f"resumed {run_dir} after epoch 1" in killed.stdout()
     assert (ckpt / "last").resolve().name == "last-e0001-s0000008" and _epoch_of_last(ckpt) == 1
     load_resume_weights(run_dir)

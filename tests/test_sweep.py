@@ -69,7 +69,7 @@ def sweep_2x2(tmp_path_factory):
     sweep directory, both outputs and the file times of the first two runs before the rerun."""
     out = tmp_path_factory.mktemp("sweep") / "digits-lr-batch"
     cmd = [str(BIN / "toolkit"), "sweep", *TINY, "--out", str(out), *GRID]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     # its own session, so that the Ctrl-C below reaches the sweep and its runs as a terminal's would
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

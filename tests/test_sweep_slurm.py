@@ -43,6 +43,14 @@ def _tasks(slurm, job: str) -> dict[str, dict]:
     return {t.get("ArrayTaskId"): t for t in tasks if "ArrayTaskId" in t}
 
 
+def _why(slurm, job: str, out: Path) -> str:
+    """What a failed wait shows: each task's state, and the end of its log and of the daemons' logs."""
+    fields = ("JobId", "JobState", "Reason", "Restarts", "EligibleTime", "StartTime", "ExitCode", "NodeList")
+    states = {i: {k: t.get(k) for k in fields} for i, t in _tasks(slurm, job).items()}
+    logs = {p.name: p.read_text()[-1500:] for p in sorted((out / "logs").glob("*.out"))}
+    return f"tasks: {states}\ntask logs: {logs}\ndaemons: {slurm.logs()[-3000:]}"
+
+
 def test_a_sweep_as_a_job_array_runs_every_point_and_a_preempted_task_requeues_and_resumes(slurm, tmp_path):
     out = tmp_path / "sweep"
     env = {**slurm.env, "PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin", "OMP_NUM_THREADS": "1",
@@ -59,7 +67,7 @@ def test_a_sweep_as_a_job_array_runs_every_point_and_a_preempted_task_requeues_a
     first = out / names[0] / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (first.is_file() and first.read_text().count("\n") >= 1):  # task 0 in its second epoch
-        assert time.monotonic() < deadline, (_tasks(slurm, job), slurm.logs())
+        assert time.monotonic() < deadline, _why(slurm, job, out)
         time.sleep(0.05)
     signalled = subprocess.run([slurm.bin["scancel"], "--signal=USR1", f"{job}_0"], env=env, capture_output=True,
                                text=True)
@@ -67,12 +75,12 @@ def test_a_sweep_as_a_job_array_runs_every_point_and_a_preempted_task_requeues_a
     deadline = time.monotonic() + 120
     while not (_tasks(slurm, job).get("0", {}).get("JobState") == "PENDING" and
                int(_tasks(slurm, job)["0"].get("Restarts", 0)) >= 1):
-        assert time.monotonic() < deadline, (_tasks(slurm, job), slurm.logs())
+        assert time.monotonic() < deadline, _why(slurm, job, out)
         time.sleep(0.5)
     deadline = time.monotonic() + 300
     while not all((out / n / "summary.json").is_file() and
                   json.loads((out / n / "summary.json").read_text())["status"] == "complete" for n in names):
-        assert time.monotonic() < deadline, (_tasks(slurm, job), slurm.logs())
+        assert time.monotonic() < deadline, _why(slurm, job, out)
         if _tasks(slurm, job).get("0", {}).get("JobState") == "PENDING":
             # Slurm holds a requeued task back about two minutes (its EligibleTime): let it go, again if an
             # update came while the requeue was still settling
