@@ -144,3 +144,45 @@ def test_training_with_every_augmentation_in_both_pipelines(tmp_path, pipeline):
                            "data.channels=3", f"data.pipeline={pipeline}", "data.num_workers=1", "data.batch_size=8",
                            "train.epochs=3", "optim.lr=0.01", *keys)
     assert summary["status"] == "complete" and summary["best_val_acc"] > 0.34  # 3 colours: chance is 1/3
+
+
+def test_loader_augmentation_of_a_sample_depends_on_seed_epoch_and_index_only(tmp_path):
+    """The loader pipeline's per-sample augmentation: the same sample key gives the same draws with 0 or 2
+    workers and in any order (a resumed run redraws what the uninterrupted one drew), another epoch or
+    seed gives other draws, and samples drawn one after another differ. Two processes see different keys
+    in an epoch, so their augmentations differ as their samples do (DataLoader worker seeds, identical on
+    every process, no longer decide them)."""
+    from torch.utils.data import DataLoader
+
+    from toolkit.data import EpochShuffle, FileImages, SliceBatches
+    from toolkit.preprocess import PREPROCESS_VERSION, Preprocess
+
+    root = _folder(tmp_path / "photos", per_class=4)
+    samples = [(str(p), 0) for p in sorted(root.rglob("*.png"))]
+    pre = Preprocess(channels=3, image_size=16, resize="resize", mean=[0.5] * 3, std=[0.5] * 3,
+                     preprocess_version=PREPROCESS_VERSION)
+    aug = AugmentConfig(resized_crop_scale=[0.2, 1.0], color_jitter=0.4, random_erasing=0.5)
+
+    def dataset(seed: int) -> FileImages:
+        files = FileImages(samples, pre)
+        files.augment(loader_transform(aug, pre), seed)
+        return files
+
+    def epoch_images(files: FileImages, workers: int, epoch: int) -> dict[int, torch.Tensor]:
+        sampler = EpochShuffle(len(files), seed=5, keyed=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(files, batch_sampler=SliceBatches(sampler, 4, False), num_workers=workers)
+        keys = [k for batch in SliceBatches(sampler, 4, False) for k in batch]
+        images = torch.cat([b for b, _ in loader])
+        return {k % len(files): image for k, image in zip(keys, images)}
+
+    files = dataset(seed=1)
+    one, two = epoch_images(files, 0, epoch=1), epoch_images(files, 2, epoch=1)
+    assert one.keys() == two.keys() == set(range(len(samples)))
+    assert all(torch.equal(one[i], two[i]) for i in one)  # workers and order do not matter
+    assert torch.equal(files[len(samples) + 3][0], one[3])  # epoch 1's sample 3, fetched alone
+    other_epoch, other_seed = epoch_images(files, 0, epoch=2), epoch_images(dataset(seed=2), 0, epoch=1)
+    assert sum(torch.equal(one[i], other_epoch[i]) for i in one) == 0
+    assert sum(torch.equal(one[i], other_seed[i]) for i in one) == 0
+    plain = FileImages(samples, pre)[3][0]
+    assert not torch.equal(one[3], plain)  # augmented at all

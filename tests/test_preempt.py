@@ -47,7 +47,10 @@ def data(request, tmp_path):
         return []
     root = make_folder(tmp_path / "photos", per_class=40)  # 120 files: 90 train = 12 steps of 8 (last of 2)
     return ["data.name=imagefolder", f"data.root={root}", "data.pipeline=loader", "data.num_workers=1",
-            "data.batch_size=8", "data.image_size=16", "data.channels=3", "model.args={}"]
+            "data.batch_size=8", "data.image_size=16", "data.channels=3", "model.args={}",
+            # per-sample augmentation in the worker, redrawn alike after the resume (seeded by epoch and index)
+            "data.augment.resized_crop_scale=[0.5, 1.0]", "data.augment.color_jitter=0.3",
+            "data.augment.random_erasing=0.5"]
 
 
 def test_a_stop_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_weights(tmp_path, data):

@@ -136,7 +136,7 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | s
     eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
     aug = cfg.data.augment
     if not bundle.in_memory:  # ImageNet-style augmentation per sample in the workers, else on whole batches
-        bundle.train.transform = loader_transform(aug, pre)
+        bundle.train.augment(loader_transform(aug, pre), cfg.train.seed)
     augment = BatchAugment(pre, aug.crop_padding, aug.hflip, cfg.train.channels_last, aug if bundle.in_memory else None)
     meta = Meta(model={"name": cfg.model.name, "args": cfg.model.args}, num_classes=len(classes), classes=classes,
                 **{k: pre[k] for k in ("channels", "image_size", "resize", "mean", "std", "preprocess_version")})

@@ -42,21 +42,34 @@ class TensorImages(Dataset):
 class FileImages(Dataset):
     """(path, label) pairs decoded per sample into uint8 C x S x S, for sets too big for memory.
     A file that cannot be read, or is above `limits`, stops the run with a ToolkitError naming it.
-    `transform` (uint8 C x S x S -> the same), if set, augments each sample in the worker."""
 
-    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None, transform=None):
-        self.samples, self.pre, self.limits, self.transform = samples, pre, limits, transform
+    `augment(transform, seed)` makes each sample augmented in the worker (uint8 C x S x S -> the same), its
+    random draws seeded from (seed, epoch, index): the sampler's keys (EpochShuffle keyed: epoch * size +
+    index) carry the epoch. A sample's augmentation is then the same whatever the number of workers or
+    processes, and after a mid-epoch resume; processes differ as their samples do."""
+
+    def __init__(self, samples: list[tuple[str, int]], pre: Preprocess, limits: Limits | None = None):
+        self.samples, self.pre, self.limits = samples, pre, limits
+        self.transform, self.seed = None, 0
+
+    def augment(self, transform, seed: int) -> None:
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int):
+        epoch, index = divmod(int(key), len(self.samples))
         path, label = self.samples[index]
         try:
             image = load_uint8(path, self.pre, self.limits)
         except READ_ERRORS as exc:
             raise ImageFileError(f"{path}: cannot use this image: {exc}") from None
-        return (image if self.transform is None else self.transform(image)), label
+        if self.transform is None:
+            return image, label
+        with torch.random.fork_rng(devices=[]):  # the worker's own stream is left as it was
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+            return self.transform(image), label
 
 
 def _pass_through(batch):
@@ -100,7 +113,8 @@ def _decode_all(files: FileImages) -> TensorImages:
 
 def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
     """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
-    sampler = EpochShuffle(len(bundle.train), seed)  # one index tensor per batch: no per-sample Python
+    # one index tensor per batch (no per-sample Python); files are keyed by epoch for their augmentation
+    sampler = EpochShuffle(len(bundle.train), seed, keyed=not bundle.in_memory)
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
     # Iterators take their seeds from this generator, never from the global RNG (which drives the
     # augmentation): both pipelines, and a resumed run, then draw the same augmentation stream.

@@ -10,15 +10,18 @@ from torch.utils.data import BatchSampler, Sampler
 class EpochShuffle(Sampler[int]):
     """A permutation drawn from (seed, epoch): identical on every process, reproducible on resume."""
 
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, keyed: bool = False):
+        self.size, self.seed, self.epoch, self.keyed = size, seed, 0, keyed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.size, generator=generator)
+        order = torch.randperm(self.size, generator=generator)
+        # keyed: each index carries its epoch (epoch * size + index), so that a dataset in a worker, which
+        # never sees set_epoch, can draw a sample's augmentation from (seed, epoch, index) alone
+        return order + self.epoch * self.size if self.keyed else order
 
     def __iter__(self):
         return iter(self.order().tolist())
