@@ -155,7 +155,9 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire also holds a requeued job back (120 s by default), and the main scheduling loop runs every
+# sched_interval (60 s): a preempted task of the tests starts again within about half a minute
+AuthInfo=socket={munge_socket},cred_expire=30
 CredType=cred/munge
 StateSaveLocation={dir}/state
 SlurmdSpoolDir={dir}/spool/%n
@@ -171,6 +173,7 @@ MpiDefault=none
 SwitchType=switch/none
 ReturnToService=2
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 JobRequeue=1
 KillWait=5
 MinJobAge=600
