@@ -19,6 +19,8 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from toolkit.ports import free_port_block
+
 PACKAGES = ("slurm-wlm", "munge", "iproute2")
 # Each node's interface has this name inside its namespace, so that one GLOO_SOCKET_IFNAME fits every node
 # (the host name resolves to 127.0.0.1 here, and gloo would otherwise pick loopback, private to each node).
@@ -127,9 +129,7 @@ class Nodes:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_port_block(1, host)
 
 
 def _stop(pid_file: Path, timeout: float = 10) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from contextlib import suppress
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import BIN, FP32, ROOT
+from toolkit.ports import free_port_block
 
 TRAIN = ROOT / "toolkit" / "train.py"
 CPU_SH = ROOT / "launch" / "cpu.sh"
@@ -88,9 +88,7 @@ for n in ${3//,/ }; do echo "$n"; done
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_block(1)
 
 
 def fake_slurm(tmp_path: Path, nodes: int = 2) -> dict:

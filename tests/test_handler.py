@@ -572,15 +572,10 @@ def test_bad_preprocess_json_fails_at_load(tmp_path):
 
 # ------------------------------------------------------------------------- real TorchServe
 def free_ports(n: int) -> list[int]:
-    import socket
+    from toolkit.ports import free_port_block
 
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    base = free_port_block(n)
+    return list(range(base, base + n))
 
 
 @pytest.mark.serve

@@ -7,13 +7,11 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -22,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from toolkit import archive, client, export, server
+from toolkit import archive, client, export, ports, server
 from toolkit.errors import ToolkitError
 
 from conftest import BIN, ROOT, run_cli
@@ -48,18 +46,7 @@ def held_out_digits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def free_port_block(size: int = 5) -> int:
     """A port p with p..p+size-1 all free on 127.0.0.1 (TorchServe takes five consecutive ports)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        try:
-            with ExitStack() as stack:
-                for port in range(base + 1, base + size):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            return base
-        except (OSError, OverflowError):
-            continue
-    raise RuntimeError(f"no block of {size} free ports found")
+    return ports.free_port_block(size)
 
 
 def write_images(folder: Path, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[Path, int]]:
