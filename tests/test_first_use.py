@@ -153,6 +153,21 @@ def test_resume_reads_the_runs_own_config(tmp_path, capsys, monkeypatch):
     assert code == 2 and "runs/nothing: nothing to resume there" in err
 
 
+def test_a_run_started_with_overwrite_resumes_by_its_directory(tmp_path, capsys, monkeypatch):
+    """train.overwrite says how a run was started (over an older one), not what it is: its resume must not
+    refuse `overwrite with resume` when the user gave neither (it did, naming a --set nobody passed)."""
+    monkeypatch.chdir(tmp_path)
+    started = ["--set", "train.run_name=again", "--set", "train.epochs=2", "--set", "train.stop_after=1",
+               "--set", "data.synthetic_samples=64"]
+    assert run_main(capsys, "train", *SMOKE, *started)[0] == 0
+    assert run_main(capsys, "train", *SMOKE, *started, "--set", "train.overwrite=true")[0] == 0  # over the first
+    code, out, err = run_main(capsys, "train", "--resume", "runs/again")
+    assert code == 0, err
+    assert "resumed runs/again after epoch 1" in out
+    assert len(read_jsonl(tmp_path / "runs" / "again" / "metrics.jsonl")) == 2
+    assert yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())["train"]["overwrite"] is False
+
+
 # ---------------------------------------------------------------- 6: resolved values, upsampling
 
 

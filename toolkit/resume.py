@@ -130,6 +130,8 @@ def load_resume_config(path: str | Path | None, overrides: list[str],
     refuse(changes, run_dir)
     tree = _with(_with(base, "train.output_dir", str(run_dir.parent)), "train.run_name", run_dir.name)
     tree = _with(tree, "train.stop_after", _get(merged, "train.stop_after"))
+    # how the run was started, not what it is: a run begun with train.overwrite (over an older run) resumes
+    tree = _with(tree, "train.overwrite", False)
     for change in changes:
         tree = _with(tree, change.key, _get(extra, change.key))
     cfg = validate(_with(tree, "train.resume", True), "--set", {c.key for c in changes})
