@@ -14,8 +14,9 @@ batch size, batch delay):
 
 The requests are real JPEG and PNG files: crops of the two photos scikit-learn ships (640x427),
 240..640 pixels wide. For each worker count (default: 1, and one per core, which is TorchServe's
-own default) one server holds six models: ours and builtin, each without dynamic batching
-(batch 1), with it (batch 8, 5 ms delay), and at batch 1 with TorchServe's handler profiling on.
+own default) there are three phases, each on a server of its own holding ours and builtin: at batch 1
+with TorchServe's handler profiling on (concurrency 1), without dynamic batching (batch 1), and with it
+(batch 8, 5 ms delay).
 A bounded load (N requests, C concurrent keep-alive connections, loopback only, a time limit per
 phase, the two handlers taking turns in rounds) gives requests/s, p50/p95/p99 latency at the client
 and errors; TorchServe's own metrics give the server-side time of a request
@@ -34,7 +35,9 @@ format, `ours-FORMAT`), beside the built-in handler (which reads TorchScript onl
 in-process forward time per format at batch 1 and at --batch is printed too (the limit serving
 approaches), and the issue's two targets are checked in words: the best format at least 2x the
 built-in handler at its own best setting, and served requests/s at least 0.8x the in-process
-images/s at the same batch size. `--quick` is a smoke run of a few requests (tests/test_bench.py).
+images/s at the same batch size. A format may name a reduced precision (`--formats
+torchscript,torchscript@bf16,onnx@int8`: serve.precision, checked at export against fp32's classes).
+`--quick` is a smoke run of a few requests (tests/test_bench.py).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -104,17 +106,21 @@ def train_run(work: Path, model: str) -> Path:
 
 
 def format_runs(run_dir: Path, work: Path, formats: list[str]) -> dict[str, Path]:
-    """{format: a copy of the run exported in it} (the torchscript one is the run itself)."""
+    """{format: a copy of the run exported in it} (the torchscript one is the run itself). A format may
+    name a reduced precision, `FORMAT@PRECISION` (`torchscript@bf16`, `onnx@int8`: serve.precision),
+    keyed `FORMAT-PRECISION`."""
     from toolkit.export import export_model
 
     runs = {}
-    for fmt in formats:
-        runs[fmt] = run_dir if fmt == "torchscript" else work / f"run-{fmt}"
-        if fmt != "torchscript":
-            shutil.copytree(run_dir, runs[fmt], ignore=shutil.ignore_patterns("model-store", "export"))
+    for spec in formats:
+        fmt, _, precision = spec.partition("@")
+        key = f"{fmt}-{precision}" if precision else fmt
+        runs[key] = run_dir if key == "torchscript" else work / f"run-{key}"
+        if key != "torchscript":
+            shutil.copytree(run_dir, runs[key], ignore=shutil.ignore_patterns("model-store", "export"))
             started = time.perf_counter()
-            export_model(runs[fmt], format=fmt)
-            print(f"exported {fmt} in {time.perf_counter() - started:.1f} s", flush=True)
+            export_model(runs[key], format=fmt, precision=precision or None)
+            print(f"exported {fmt} at {precision or 'fp32'} in {time.perf_counter() - started:.1f} s", flush=True)
     return runs
 
 
@@ -131,7 +137,7 @@ def forward_times(runs: dict[str, Path], batches: tuple[int, ...], threads: int,
     spec.loader.exec_module(loaders)
     out = {}
     for fmt, run in runs.items():
-        model = loaders.load_model(str(run / "export" / FORMATS[fmt].model_file), torch.device("cpu"))
+        model = loaders.load_model(str(run / "export" / FORMATS[fmt.split("-")[0]].model_file), torch.device("cpu"))
         for batch in batches:
             images = torch.randn(batch, 3, 224, 224)
             with torch.inference_mode():
@@ -290,20 +296,9 @@ def phase_times(export_dir: Path, bodies: list[bytes], threads: int, repeat: int
 
 def free_port_block(size: int = 5) -> int:
     """A port p with p..p+size-1 free on loopback (TorchServe takes five consecutive ports)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        if base + size > 65535:
-            continue
-        try:
-            for offset in range(size):
-                with socket.socket() as s:
-                    s.bind((HOST, base + offset))
-            return base
-        except OSError:
-            continue
-    raise SystemExit("no block of 5 free ports on 127.0.0.1")
+    from toolkit.ports import free_port_block as block
+
+    return block(size, HOST)
 
 
 METRICS = ("PredictionTime", "ts_handler_preprocess", "ts_handler_inference", "ts_handler_postprocess")
@@ -325,27 +320,30 @@ def logged_times(log: Path, offset: int) -> tuple[dict[tuple[str, str], list[flo
 
 
 def measure_workers(args, runs: dict[str, Path], work: Path, workers: int, bodies: list[bytes]) -> dict:
-    """One TorchServe with ours-FORMAT_b1, builtin_b1, ours-FORMAT_bB, builtin_bB (`workers` each); the phases."""
+    """The phases at one worker count, each on a TorchServe of its own holding that phase's models
+    (ours-FORMAT_TAG per format and builtin_TAG, `workers` each): one server for every phase at once held
+    every model's workers together (18 ResNet-18 workers of about 1 GB each at two worker counts of five
+    formats), more than the memory of a small machine."""
     from toolkit import server
 
     variants = [("b1p", 1, True), ("b1", 1, False), (f"b{args.batch}", args.batch, False)]
     store = work / f"store-w{workers}"
     build_store(runs, store, variants, args.batch_delay_ms, workers)
     state_root = work / "ts"
-    port = free_port_block()
     sides = [f"ours-{fmt}" for fmt in runs] + ["builtin"]
-    models = [f"{side}_{tag}" for tag, _, _ in variants for side in sides]
     results = {}
-    try:
-        server.start_server(store, port=port, models=models, state_root=state_root, timeout=300)
-        token = server.read_token(port, "inference", state_root)
-        log = server.state_dir_for(port, state_root) / "logs" / "ts_log.log"
-        for model in models:  # warm-up: TorchScript's profiling executor, the connections
-            run_load(port, model, token, bodies, 2 * args.concurrency, args.concurrency, args.time_limit)
-        # (model tag, batch, concurrency, requests): the profiled models serve the concurrency-1 phase
-        phases = [("b1p", 1, 1, args.requests // 4), ("b1", 1, args.concurrency, args.requests),
-                  (f"b{args.batch}", args.batch, args.concurrency, args.requests)]
-        for tag, batch, concurrency, total in phases:
+    # (model tag, batch, concurrency, requests): the profiled models serve the concurrency-1 phase
+    phases = [("b1p", 1, 1, args.requests // 4), ("b1", 1, args.concurrency, args.requests),
+              (f"b{args.batch}", args.batch, args.concurrency, args.requests)]
+    for tag, batch, concurrency, total in phases:
+        port = free_port_block()
+        models = [f"{side}_{tag}" for side in sides]
+        try:
+            server.start_server(store, port=port, models=models, state_root=state_root, timeout=300)
+            token = server.read_token(port, "inference", state_root)
+            log = server.state_dir_for(port, state_root) / "logs" / "ts_log.log"
+            for model in models:  # warm-up: TorchScript's profiling executor, the connections
+                run_load(port, model, token, bodies, 2 * args.concurrency, args.concurrency, args.time_limit)
             parts = {side: [] for side in sides}
             counters = {side: dict.fromkeys(("requests", "latency_us", "queue_us"), 0.0) for side in parts}
             handled = {side: {metric: [] for metric in METRICS} for side in parts}
@@ -363,22 +361,22 @@ def measure_workers(args, runs: dict[str, Path], work: Path, workers: int, bodie
                     logged = logged_times(log, offset)[0]
                     for metric in METRICS:
                         handled[side][metric] += logged.get((metric, model), [])
-            for side in sides:
-                stats = summary_stats(parts[side])
-                served = max(counters[side]["requests"], 1)
-                stats["server_ms"] = counters[side]["latency_us"] / served / 1000
-                stats["queue_ms"] = counters[side]["queue_us"] / served / 1000
-                for metric, key in zip(METRICS, ("handle_ms", "pre_ms", "inference_ms", "post_ms")):
-                    values = handled[side][metric]
-                    stats[key] = sum(values) / len(values) if values else float("nan")
-                stats["batches"] = len(handled[side]["PredictionTime"])
-                results[(workers, batch, concurrency, side)] = stats
-                print(row(workers, batch, concurrency, side, stats), flush=True)
-    finally:
-        server.stop_server(port, state_root)
-        left = server.instance_processes(server.state_dir_for(port, state_root))
-        if left:
-            raise SystemExit(f"TorchServe processes left running: {[p.pid for p in left]}")
+        finally:
+            server.stop_server(port, state_root)
+            left = server.instance_processes(server.state_dir_for(port, state_root))
+            if left:
+                raise SystemExit(f"TorchServe processes left running: {[p.pid for p in left]}")
+        for side in sides:
+            stats = summary_stats(parts[side])
+            served = max(counters[side]["requests"], 1)
+            stats["server_ms"] = counters[side]["latency_us"] / served / 1000
+            stats["queue_ms"] = counters[side]["queue_us"] / served / 1000
+            for metric, key in zip(METRICS, ("handle_ms", "pre_ms", "inference_ms", "post_ms")):
+                values = handled[side][metric]
+                stats[key] = sum(values) / len(values) if values else float("nan")
+            stats["batches"] = len(handled[side]["PredictionTime"])
+            results[(workers, batch, concurrency, side)] = stats
+            print(row(workers, batch, concurrency, side, stats), flush=True)
     return results
 
 
@@ -408,7 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--keep", type=Path, help="keep the run, archives and TorchServe logs in this directory")
     p.add_argument("--formats", default="torchscript", help="comma-separated export formats our handler serves "
-                   "(torchscript, onnx, aoti), one archive each")
+                   "(torchscript, onnx, aoti), one archive each; FORMAT@PRECISION for a reduced serve.precision "
+                   "(torchscript@bf16, aoti@bf16, onnx@int8)")
     p.add_argument("--quick", action="store_true", help="a smoke run: few requests and images, one worker, one round")
     args = p.parse_args(argv)
     args.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
