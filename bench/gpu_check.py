@@ -6,11 +6,15 @@ proved and measured in a few minutes whenever a GPU is lent.
 
 Steps: the device as torch sees it; configs/digits.yaml and a CIFAR-shaped synthetic task trained in each
 precision (auto, bf16, fp16 with its gradient scaler; the CPU dry run: auto, and bf16 on the CIFAR-shaped
-task only, since the toolkit refuses fp16 on a CPU) with accuracy above chance, peak device memory and images/s; a resume that must end
-with the weights of an uninterrupted run (fp32); images/s of the in-memory path, the DataLoader path over
-PNG files and a plain PyTorch loop of the same model; two processes through `accelerate launch` (NCCL on
-GPUs, gloo in the dry run); every export format, archived, served by TorchServe, answered for real image
-files with the top-1 of the CPU, and requests/s at concurrency 8. Writes OUT_DIR/gpu_check.json (every figure)
+task only, since the toolkit refuses fp16 on a CPU) with accuracy above chance, peak device memory and
+images/s; a resume that must end with the weights of an uninterrupted run (fp32); a real SIGUSR1 to a
+`toolkit train` inside an epoch (saves mid-epoch, exit 75) and its resume, to the same weights; EMA, mixup and
+cutmix, the ImageNet-style augmentations and top-k checkpoints averaged by `toolkit average`, together;
+batch_size auto (on a GPU a real search through out-of-memory errors, on the CPU its cap); images/s of the
+in-memory path, the DataLoader path over PNG files and a plain PyTorch loop of the same model; two processes
+through `accelerate launch` (NCCL on GPUs, gloo in the dry run); every export format, and TorchScript at
+bf16 (serve.precision), archived, served by TorchServe, answered for real image files with the top-1 of the
+same file in this process, and requests/s at concurrency 8. Writes OUT_DIR/gpu_check.json (every figure)
 and OUT_DIR/summary.txt."""
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,6 +144,95 @@ def resume_check(results: list, out: Path, sizes: dict) -> None:
                    "that is not deterministic (cuDNN) can do this; on a CPU it is a bug")
 
 
+def preempt_check(results: list, out: Path, sizes: dict) -> None:
+    """A real SIGUSR1 (Slurm's time-limit warning) to a `toolkit train` mid-epoch: it saves checkpoints/last
+    inside the epoch, exits 75, and `toolkit train --resume RUN` ends with the weights of a run never stopped."""
+    from safetensors.torch import load_file
+
+    common = ["model.name=bn_cnn", "data.augment.crop_padding=2", "data.augment.hflip=true",
+              "train.mixed_precision=no", f"train.epochs={sizes['epochs'] + 1}", "data.synthetic_samples=512",
+              "data.batch_size=16"]
+    with Check(results, "preempted mid-epoch (SIGUSR1), resumed exactly (fp32)") as c:
+        straight, _, _ = train(out, "pre-straight", "smoke.yaml", *common)
+        parts = out / "pre-parts"
+
+        def command(*extra: str) -> list[str]:
+            sets = [f"train.output_dir={out}", "train.run_name=pre-parts", "train.checkpoint_every=4 steps", *common, *extra]
+            return [str(BIN / "toolkit"), "train", "--config", "smoke.yaml", *(a for s in sets for a in ("--set", s))]
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = out / "pre-parts.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(command("train.overwrite=true"), cwd=ROOT, env=env, stdout=sink,
+                                    stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while not (parts / "checkpoints" / "last").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            c.fail(f"the run ended (exit {proc.returncode}) before its first mid-epoch checkpoint: nothing to preempt")
+            return
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=600)
+        c.figures["exit_on_signal"] = proc.returncode
+        if proc.returncode != 75:
+            c.fail(f"exit {proc.returncode} after SIGUSR1 (75 expected): {log.read_text().strip().splitlines()[-1:]}")
+            return
+        stopped = json.loads((parts / "summary.json").read_text())
+        c.figures.update(stopped_at_batch=stopped["batches_done"], save_s=stopped["last_save_s"])
+        resumed = subprocess.run([str(BIN / "toolkit"), "train", "--resume", str(parts)], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+        if resumed.returncode != 0:
+            c.fail(f"the resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
+            return
+        a, b = (load_file(d / "checkpoints" / "last" / "model.safetensors") for d in (straight, parts))
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        c.figures["max_abs_diff"] = diff
+        if diff != 0.0:
+            c.fail(f"resumed weights differ from the uninterrupted run's (max {diff:.3g}): on a GPU, a kernel "
+                   "that is not deterministic (cuDNN) can do this; on a CPU it is a bug")
+
+
+def trainer_features_check(results: list, out: Path, sizes: dict) -> None:
+    """What the best trainers have, on the device together: EMA of the weights, mixup and cutmix, the
+    ImageNet-style augmentations, top-k checkpoints averaged by `toolkit average`, and batch_size auto: on a
+    GPU a real search through out-of-memory errors (ResNet-18 at 224 from a batch of 8192, which fits on no
+    GPU), on the CPU the stated cap."""
+    from toolkit.average import average_run
+
+    with Check(results, "EMA + mixup/cutmix + ImageNet-style augmentations + top-k and averaging") as c:
+        run_dir, summary, peak = train(
+            out, "features", "smoke.yaml", "data.image_size=32", "data.num_classes=4",
+            f"data.synthetic_samples={sizes['synthetic']}", "model.name=cifar_cnn", f"train.epochs={sizes['epochs'] + 1}",
+            "data.batch_size=32", f"train.ema.decay={sizes['ema']}", "data.augment.mixup_alpha=0.2",
+            "data.augment.cutmix_alpha=1.0", "data.augment.resized_crop_scale=[0.35, 1.0]",
+            "data.augment.trivial_augment=true", "data.augment.color_jitter=0.3", "data.augment.random_erasing=0.25",
+            "train.save_top_k=2")
+        last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        averaged = average_run(run_dir)
+        c.figures.update(val_acc=round(last["val_acc"], 4), val_acc_ema=round(last.get("val_acc_ema", -1), 4),
+                         average_val_acc=round(averaged["val_acc"], 4), averaged_epochs=averaged["epochs"],
+                         images_per_s=round(summary["train_images_per_s"], 1), peak_mib=peak)
+        if "val_acc_ema" not in last:
+            c.fail("the EMA run's metrics have no val_acc_ema")
+        elif max(last["val_acc"], averaged["val_acc"]) <= CHANCE["cifar_shape"]:
+            c.fail(f"val accuracy {last['val_acc']:.3f} (average {averaged['val_acc']:.3f}) is not above chance")
+    gpu = torch.cuda.is_available()
+    with Check(results, "batch_size auto" + (" (out-of-memory search)" if gpu else " (the CPU's cap)")) as c:
+        cap = 8192 if gpu else 64
+        task = (["model.name=resnet18", "data.image_size=224", "data.synthetic_samples=2048"] if gpu else
+                ["model.name=cifar_cnn", "data.image_size=32", "data.synthetic_samples=256"])
+        run_dir, summary, peak = train(out, "auto-batch", "smoke.yaml", *task, "data.num_classes=4", "train.epochs=1",
+                                       "data.batch_size=auto", f"data.auto_batch_size_max={cap}")
+        c.figures.update(batch_size=summary["batch_size"], cap=cap, peak_mib=peak,
+                         images_per_s=round(summary["train_images_per_s"], 1))
+        if not isinstance(summary["batch_size"], int) or not 1 <= summary["batch_size"] <= cap:
+            c.fail(f"batch size {summary['batch_size']!r} is not a size from 1 to the cap {cap}")
+        elif gpu and summary["batch_size"] == cap:
+            c.fail(f"batch {cap} of ResNet-18 at 224 cannot fit: the search did not meet an out-of-memory error")
+        elif not gpu and summary["batch_size"] != cap:
+            c.fail(f"on the CPU the search lands on the cap {cap}, not {summary['batch_size']}")
+
+
 def throughput_check(results: list, out: Path, sizes: dict) -> None:
     from PIL import Image
 
@@ -206,19 +300,22 @@ def serving_checks(results: list, out: Path, sizes: dict) -> None:
     from toolkit.export import FORMATS, export_model
     from toolkit.predict import predict_export
     from toolkit.samples import write_samples
+    from toolkit.ports import free_port_block
     from toolkit.server import read_token, start_server, stop_server
 
     run_dir = out / "digits-auto"
     files = write_samples(run_dir, out / "samples", count=sizes["images"])
     expected = {}
-    for fmt in FORMATS:
-        with Check(results, f"export {fmt}") as c:
-            export_model(run_dir, format=fmt)
-            expected[fmt] = [max(a, key=a.get) for a in predict_export(run_dir / "export", files)]
-            build_archive(run_dir, name=f"check_{fmt}")
+    # every format at fp32, and TorchScript at bf16 (serve.precision: native on GPUs and AVX512-BF16/AMX CPUs)
+    for fmt, precision in [*((f, "fp32") for f in FORMATS), ("torchscript", "bf16")]:
+        name = fmt if precision == "fp32" else f"{fmt}_{precision}"
+        with Check(results, f"export {fmt} ({precision})") as c:
+            export_model(run_dir, format=fmt, precision=precision)
+            expected[name] = [max(a, key=a.get) for a in predict_export(run_dir / "export", files)]
+            build_archive(run_dir, name=f"check_{name}")
             c.figures["parity"] = json.loads((run_dir / "export" / "parity.json").read_text())
     # TorchServe's unix sockets live in its state directory: a short path, whatever OUT_DIR is
-    port, state = free_port_block(), Path(tempfile.mkdtemp(prefix="gpucheck-"))
+    port, state = free_port_block(5), Path(tempfile.mkdtemp(prefix="gpucheck-"))
     with Check(results, "TorchServe start") as c:
         start_server(run_dir / "model-store", port=port, models=[f"check_{f}" for f in expected], state_root=state)
     try:
@@ -244,21 +341,6 @@ def serving_checks(results: list, out: Path, sizes: dict) -> None:
         shutil.rmtree(state, ignore_errors=True)
 
 
-def free_port_block(size: int = 5) -> int:
-    """The first port p from 18480 with p..p+size-1 free on loopback (TorchServe takes five)."""
-    import socket
-
-    for base in range(18480, 19480, 10):
-        try:
-            taken = [socket.create_server(("127.0.0.1", base + i)) for i in range(size)]
-        except OSError:
-            continue
-        for s in taken:
-            s.close()
-        return base
-    raise RuntimeError("no free block of 5 ports on 127.0.0.1 from 18480")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -266,14 +348,17 @@ def main() -> int:
     args = p.parse_args()
     dry, out = args.cpu_dry_run, args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sizes = ({"epochs": 1, "synthetic": 512, "images": 4, "requests": 16} if dry else
-             {"epochs": 3, "synthetic": 8192, "images": 16, "requests": 400})
+    # ema: a decay whose memory (1 / (1 - decay) steps) the run's few hundred (GPU) or few dozen steps can fill
+    sizes = ({"epochs": 1, "synthetic": 512, "images": 4, "requests": 16, "ema": 0.9} if dry else
+             {"epochs": 3, "synthetic": 8192, "images": 16, "requests": 400, "ema": 0.99})
     results: list = []
     t0 = time.perf_counter()
     device_check(results, dry)
     if results[0]["status"] == "passed":
         precision_checks(results, out / "runs", dry, sizes)
         resume_check(results, out / "runs", sizes)
+        preempt_check(results, out / "runs", sizes)
+        trainer_features_check(results, out / "runs", sizes)
         throughput_check(results, out / "runs", sizes)
         two_process_check(results, out / "runs", dry)
         serving_checks(results, out / "runs", sizes)

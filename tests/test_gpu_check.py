@@ -1,6 +1,7 @@
 """bench/gpu_check.sh, the check a lent GPU machine runs, kept honest by its CPU dry run: every step runs
-(set-up as the README does, training per precision, exact resume, the three training paths, two processes,
-every export format served by a real TorchServe), its figures land in OUT/gpu_check.json, and a failed check
+(set-up as the README does, training per precision, exact resume, a real SIGUSR1 mid-epoch and its exact
+resume, EMA + mixup/cutmix + augmentations + top-k averaging, batch_size auto, the three training paths, two
+processes, every export format and TorchScript at bf16 served by a real TorchServe), its figures land in OUT/gpu_check.json, and a failed check
 fails the script."""
 
 from __future__ import annotations
@@ -33,9 +34,16 @@ def test_gpu_check_cpu_dry_run_runs_every_step_and_records_its_figures(tmp_path)
     paths = checks["images/s: in memory, DataLoader, plain loop"]
     assert all(paths[k] > 0 for k in ("in_memory", "dataloader", "plain_loop"))
     assert checks["two processes (accelerate launch)"]["num_processes"] == 2
+    preempted = checks["preempted mid-epoch (SIGUSR1), resumed exactly (fp32)"]
+    assert preempted["exit_on_signal"] == 75 and preempted["max_abs_diff"] == 0.0, preempted
+    features = checks["EMA + mixup/cutmix + ImageNet-style augmentations + top-k and averaging"]
+    assert 0 <= features["val_acc_ema"] <= 1 and len(features["averaged_epochs"]) == 2, features
+    assert checks["batch_size auto (the CPU's cap)"]["batch_size"] == 64
     for fmt in FORMATS:
-        assert checks[f"export {fmt}"]["parity"]["max_abs_diff"] <= FORMATS[fmt].tolerance
-        served = checks[f"serve {fmt}"]
+        assert checks[f"export {fmt} (fp32)"]["parity"]["max_abs_diff"] <= FORMATS[fmt].tolerance
+    assert checks["export torchscript (bf16)"]["parity"]["top1_agreement"] >= 0.995
+    for name in [*FORMATS, "torchscript_bf16"]:
+        served = checks[f"serve {name}"]
         assert served["same_top1_as_cpu"] == "4/4" and served["errors"] == 0 and served["requests_per_s_c8"] > 0
     assert (tmp_path / "summary.txt").read_text().splitlines()[-1].startswith(f"0 failed of {len(checks)} checks")
 
