@@ -24,6 +24,10 @@ def build_data(cfg: DataConfig) -> DataBundle:
                      preprocess_version=PREPROCESS_VERSION)
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, pre)
+    if cfg.name == "shards":
+        from toolkit.data.shards import shard_bundle
+
+        return shard_bundle(cfg, pre)
     images, labels, val_images, val_labels, classes = source_arrays(cfg)
     fits = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size) == "memory"
     native = images.shape[-1]
