@@ -23,6 +23,15 @@ HTTP_TIMEOUT_S = 30  # a server that stops answering is an error after this, nev
 BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 
+def require_webdataset() -> None:
+    """Shards are read and written with webdataset, an extra: say how to install it rather than fail on import."""
+    try:
+        import braceexpand  # noqa: F401
+        import webdataset  # noqa: F401
+    except ImportError as exc:
+        raise ToolkitError(f"shard sets need the shards extra ({exc}): pip install 'toolkit[shards]'") from None
+
+
 def is_url(root: str) -> bool:
     return root.startswith(("http://", "https://"))
 
@@ -74,6 +83,7 @@ def _base(root: str) -> tuple[str, list[str] | None]:
 @functools.lru_cache(maxsize=8)
 def load_shard_set(root: str) -> ShardSet:
     """The shard set at data.root: a directory, its URL, or a brace pattern of shard URLs (manifest.json beside them)."""
+    require_webdataset()
     base, selected = _base(root)
     where = base + MANIFEST
     if is_url(base):

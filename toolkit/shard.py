@@ -83,6 +83,9 @@ def write_shards(source: str, out: Path, shard_size: str = "256MB", root: str | 
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from toolkit.manifest import require_webdataset
+
+    require_webdataset()
     limit = parse_size(shard_size)
     out = Path(out)
     if (out / MANIFEST).exists():
