@@ -81,7 +81,6 @@ def write_shards(source: str, out: Path, shard_size: str = "256MB", root: str | 
                  val_fraction: float = 0.1, split_seed: int = 0, console=None) -> dict:
     """Write SOURCE's splits as shards under OUT with manifest.json; returns the manifest."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from toolkit.manifest import require_webdataset
 
@@ -94,23 +93,29 @@ def write_shards(source: str, out: Path, shard_size: str = "256MB", root: str | 
     train, val, classes, side = samples_of(cfg)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed)).tolist()
     train = [train[i] for i in order]  # every shard holds every class
+    source_info = {"name": cfg.name, "root": str(Path(cfg.root).resolve()) if cfg.root else None,
+                   "val_fraction": val_fraction, "split_seed": split_seed}
+    preprocessing = {"channels": cfg.channels, "image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std,
+                     "source_side": side}
+    return write_set(out, {"train": train, "val": val}, classes, preprocessing, source_info, limit, console)
+
+
+def write_set(out: Path, splits: dict[str, list], classes: list[str], preprocessing: dict, source: dict, limit: int,
+              console=None) -> dict:
+    """Each split's samples (extension, a function returning the bytes, label), in order, as shards under OUT,
+    then manifest.json; returns the manifest."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     out.mkdir(parents=True, exist_ok=True)
     shards = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[mb]:,.1f} MB"),
                TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        for split, samples in (("train", train), ("val", val)):
+        for split, samples in splits.items():
             task = progress.add_task(f"{split} shards", total=len(samples), mb=0.0)
             shards += _write_split(out, split, samples, limit, lambda n, b: progress.update(task, advance=n, mb=b / 1e6))
-    manifest = {
-        "format": FORMAT, "version": 1, "classes": classes,
-        "source": {"name": cfg.name, "root": str(Path(cfg.root).resolve()) if cfg.root else None,
-                   "val_fraction": val_fraction, "split_seed": split_seed},
-        "preprocessing": {"channels": cfg.channels, "image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std,
-                          "source_side": side},
-        "splits": {"train": len(train), "val": len(val)},
-        "shards": shards,
-    }
+    manifest = {"format": FORMAT, "version": 1, "classes": classes, "source": source, "preprocessing": preprocessing,
+                "splits": {split: len(samples) for split, samples in splits.items()}, "shards": shards}
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, out / MANIFEST)  # a set is complete once its manifest is there
