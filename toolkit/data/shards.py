@@ -1,8 +1,8 @@
 """data.name: shards: WebDataset-layout tar shards (toolkit shard) streamed from a directory or over HTTP. A worker
 reads a block of its process's plan (shard_plan.py) as byte ranges of one or two shards (webdataset's tar
-iteration over the stream; never a whole shard copied), decodes and augments each sample, and hands the block to
-ShardLoader, which cuts it into the plan's batches on the device. A bad sample stops the run naming the shard and
-the sample, or, with data.skip_bad_samples, is left out and counted on the epoch line."""
+iteration over the stream; never a whole shard copied), shuffles it, then decodes and augments it a batch at a
+time; ShardLoader puts the workers' batches back in plan order on the device. A bad sample stops the run naming
+the shard and the sample, or, with data.skip_bad_samples, is left out and counted on the epoch line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from toolkit.errors import ImageFileError, ToolkitError
 from toolkit.manifest import Shard, ShardSet, open_range
 from toolkit.preprocess import READ_ERRORS, Limits, Preprocess, load_uint8
 
+BLOCK = tarfile.BLOCKSIZE
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "tif", "tiff")
 STREAM_ERRORS = (tarfile.TarError, OSError, EOFError, http.client.HTTPException, urllib.error.URLError)
 
@@ -29,13 +30,35 @@ class BadSample(ImageFileError):
     worker's traceback as ImageFileError does)."""
 
 
-def read_members(shard: Shard, lo: int, hi: int) -> dict[str, dict[str, bytes]]:
-    """Samples [lo, hi) of a shard: key -> {extension: bytes}, from the byte range the manifest gives them.
-    A stream that breaks (truncated or corrupt tar, HTTP error) raises BadSample naming the first sample
-    it did not deliver whole; what came before is in `exc.members`."""
-    from webdataset.tariterators import tar_file_iterator
+def parse_member(header: bytes) -> tuple[str, int]:
+    """A ustar header (as webdataset's TarWriter writes them) -> (member name, data size); ValueError if it is not one."""
+    if len(header) < BLOCK:
+        raise ValueError("cut short inside a tar header")
+    stored = header[148:156].rstrip(b"\0 ")
+    if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:BLOCK]):  # the checksum field as spaces
+        raise ValueError("not a tar header (bad checksum)")
+    return header[:100].rstrip(b"\0").decode(), int(header[124:136].rstrip(b"\0 ") or b"0", 8)
 
-    members: dict[str, dict[str, bytes]] = {}
+
+def split_sample(data: bytes) -> dict[str, tuple[str, bytes]]:
+    """One sample's bytes (its members, header and padded data each) -> {extension: (name, data)}."""
+    members, position = {}, 0
+    while position < len(data):
+        name, size = parse_member(data[position:position + BLOCK])
+        content = data[position + BLOCK:position + BLOCK + size]
+        if len(content) < size:
+            raise ValueError(f"{name} cut short")
+        members[name.partition(".")[2]] = (name, content)
+        position += BLOCK + -(-size // BLOCK) * BLOCK
+    return members
+
+
+def read_members(shard: Shard, lo: int, hi: int) -> dict[str, dict[str, bytes]]:
+    """Samples [lo, hi) of a shard: key -> {extension: bytes}, each sample sliced out of the byte range the manifest
+    gives it (its headers checked, no scan of the tar). A stream that breaks (truncated shard, HTTP error) raises
+    BadSample naming the first sample it did not deliver whole, what came before in `exc.members`; a sample whose
+    own bytes are not a tar member's is None (named by decode)."""
+    members: dict[str, dict[str, bytes] | None] = {}
     try:
         stream = open_range(shard.url, shard.offsets[lo], shard.offsets[hi])
     except urllib.error.HTTPError as exc:
@@ -43,26 +66,26 @@ def read_members(shard: Shard, lo: int, hi: int) -> dict[str, dict[str, bytes]]:
     except STREAM_ERRORS as exc:
         raise BadSample(f"shard {shard.name} ({shard.url}) cannot be opened: {exc}") from None
     try:
-        for member in tar_file_iterator(stream, skip_meta=None):
-            key, _, ext = member["fname"].partition(".")
-            members.setdefault(key, {})[ext] = member["data"]
-    except STREAM_ERRORS as exc:
-        done = [k for k in shard.keys[lo:hi] if k in members]
-        # the last key seen may be incomplete (its .cls not read yet): it is the first not delivered whole
-        at = lo + max(0, len(done) - 1)
-        error = BadSample(f"shard {shard.name}: the stream broke at sample {shard.keys[at]} (#{at} of {shard.count}, "
-                          f"bytes from {shard.offsets[at]}): {type(exc).__name__}: {exc}")
-        error.members = {k: members[k] for k in shard.keys[lo:at]}
-        error.first_lost = at
-        raise error from None
+        for i in range(lo, hi):
+            want = shard.offsets[i + 1] - shard.offsets[i]
+            try:
+                data = stream.read(want)
+                if len(data) < want:
+                    raise EOFError(f"the stream ended {want - len(data)} bytes early")
+            except STREAM_ERRORS as exc:
+                error = BadSample(f"shard {shard.name}: the stream broke at sample {shard.keys[i]} (#{i} of {shard.count}, "
+                                  f"bytes from {shard.offsets[i]}): {type(exc).__name__}: {exc}")
+                error.members, error.first_lost = members, i
+                raise error from None
+            try:
+                found = split_sample(data)
+                names = {name.partition(".")[0] for name, _ in found.values()}
+                members[shard.keys[i]] = {ext: content for ext, (_, content) in found.items()} if names == {shard.keys[i]} else {
+                    "__wrong__": f"holds {', '.join(sorted(name for name, _ in found.values()))}".encode()}
+            except (ValueError, UnicodeDecodeError) as exc:
+                members[shard.keys[i]] = {"__wrong__": f"is not a tar member where the manifest puts it ({exc})".encode()}
     finally:
         stream.close()
-    lost = next((i for i in range(lo, hi) if shard.keys[i] not in members), None)
-    if lost is not None and not any(k in members for k in shard.keys[lost + 1:hi]):  # tarfile reads garbage as the end
-        error = BadSample(f"shard {shard.name}: the stream broke at sample {shard.keys[lost]} (#{lost} of {shard.count}, "
-                          f"bytes from {shard.offsets[lost]}): the tar ends there (corrupt or truncated)")
-        error.members, error.first_lost = {k: members[k] for k in shard.keys[lo:lost]}, lost
-        raise error
     return members
 
 
@@ -71,8 +94,9 @@ def decode(shard: Shard, index: int, member: dict[str, bytes] | BadSample | None
     key = shard.keys[index]
     if isinstance(member, BadSample):  # lost with the stream that broke
         raise member
-    if member is None:
-        raise BadSample(f"shard {shard.name}: sample {key} (#{index}) is not in the shard where the manifest puts it")
+    if member is None or "__wrong__" in member:
+        why = member["__wrong__"].decode() if member else "is not in the shard where the manifest puts it"
+        raise BadSample(f"shard {shard.name}: sample {key} (#{index}) {why}")
     if "cls" not in member:
         raise BadSample(f"shard {shard.name}: sample {key} (#{index}) has no label ({key}.cls)")
     image = next((member[ext] for ext in IMAGE_EXTS if ext in member), None)
@@ -126,15 +150,20 @@ class ShardBlocks(IterableDataset):
                       self.num_classes)
 
     def __iter__(self):
+        """This worker's blocks (round-robin from the resume's block), one batch per item, tagged (block, batch)."""
         plan = self.plan()
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         first = self.start_batch // plan.per_block
         for block in range(first + worker, plan.num_blocks, workers):
-            item = self.read_block(plan, block)
-            if block == first and self.start_batch % plan.per_block:  # a resume: the batches trained before it
-                item = drop_batches(item, self.start_batch % plan.per_block)
-            yield item
+            samples, position = self.read_block(plan, block), 0
+            for batch, size in enumerate(plan.block_batches(block)):
+                chosen, position = samples[position:position + size], position + size
+                if block == first and batch < self.start_batch % plan.per_block:  # trained before the resume
+                    continue
+                item = self.decode_batch(chosen)
+                item.update(block=block, batch=batch, pad_to=plan.pad_to[block] if plan.pad_to else None)
+                yield item
 
     def read_block(self, plan: Plan, block: int) -> dict:
         a, b = plan.block_samples(block)
@@ -157,45 +186,33 @@ class ShardBlocks(IterableDataset):
             samples += [(piece.shard, i, lost.get(i) or members.get(shard.keys[i])) for i in range(piece.lo, piece.hi)]
         if self.split == "train":
             samples = [samples[i] for i in block_permutation(len(samples), self.seed, self.epoch, self.process, block)]
-        return self.decode_block(samples, plan.block_batches(block), plan.pad_to[block] if plan.pad_to else None)
+        return samples
 
-    def decode_block(self, samples: list, sizes: list[int], pad_to: int | None) -> dict:
-        images, labels, indices, kept_sizes, skipped = [], [], [], [], []
-        position = 0
-        for size in sizes:
-            kept = 0
-            for shard, index, members in samples[position:position + size]:
-                try:
-                    image, label = decode(self.shards[shard], index, members, self.pre, self.limits, self.num_classes)
-                except BadSample as exc:
-                    if not self.skip_bad:
-                        raise
-                    skipped.append(str(exc))
-                    continue
-                where = self.starts[shard] + index
-                if self.transform is not None:
-                    with torch.random.fork_rng(devices=[]):  # seeded by (seed, epoch, index): any worker, any resume
-                        torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + where) % 2**63)
-                        image = self.transform(image)
-                images.append(image)
-                labels.append(label)
-                indices.append(where)
-                kept += 1
-            if kept == 0 and size > 0:
-                raise BadSample(f"every sample of a batch of the {self.split} split was bad ({skipped[-1]}): too many "
-                                "bad samples to go on")
-            kept_sizes.append(kept)
-            position += size
+    def decode_batch(self, samples: list) -> dict:
+        images, labels, indices, skipped = [], [], [], []
+        for shard, index, members in samples:
+            try:
+                image, label = decode(self.shards[shard], index, members, self.pre, self.limits, self.num_classes)
+            except BadSample as exc:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(exc))
+                continue
+            where = self.starts[shard] + index
+            if self.transform is not None:
+                with torch.random.fork_rng(devices=[]):  # seeded by (seed, epoch, index): any worker, any resume
+                    torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + where) % 2**63)
+                    image = self.transform(image)
+            images.append(image)
+            labels.append(label)
+            indices.append(where)
+        if samples and not images:
+            raise BadSample(f"every sample of a batch of the {self.split} split was bad ({skipped[-1]}): too many "
+                            "bad samples to go on")
         shape = (0, self.pre["channels"], self.pre["image_size"], self.pre["image_size"])
         return {"images": torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8),
                 "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.tensor(indices, dtype=torch.long),
-                "sizes": kept_sizes, "pad_to": pad_to, "skipped": skipped}
-
-
-def drop_batches(item: dict, count: int) -> dict:
-    cut = sum(item["sizes"][:count])
-    return {**item, "images": item["images"][cut:], "labels": item["labels"][cut:], "indices": item["indices"][cut:],
-            "sizes": item["sizes"][count:]}
+                "skipped": skipped}
 
 
 class ShardLoader(DataLoaderStateMixin):
@@ -220,30 +237,35 @@ class ShardLoader(DataLoaderStateMixin):
         return self
 
     def batches(self):
-        """(images, labels, indices in the split) per batch, in plan order."""
-        total, done = len(self) - self.blocks.start_batch, 0
+        """(images, labels, indices in the split) per batch, in plan order: the workers' batches come round-robin,
+        each worker's in its own order, and wait here (at most a block per worker) until their turn."""
+        plan, start = self.blocks.plan(), self.blocks.start_batch
+        order = [(block, batch) for block in range(start // plan.per_block, plan.num_blocks)
+                 for batch in range(len(plan.block_batches(block)))][start % plan.per_block:]
         loader = DataLoader(self.blocks, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=2 if self.num_workers else None,
+                            prefetch_factor=4 if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.seed))  # never a draw of the global RNG
-        self.skipped = []
+        self.skipped, waiting, done = [], {}, 0
         self.begin()
         try:
-            for item in loader:
+            items = iter(loader)
+            for turn in order:
+                while turn not in waiting:
+                    item = next(items, None)
+                    if item is None:  # never a silently shorter epoch
+                        raise ToolkitError(f"the {self.blocks.split} split gave {done} batches where the plan has "
+                                           f"{len(order)}")
+                    waiting[item["block"], item["batch"]] = item
+                item = waiting.pop(turn)
                 self.skipped += item["skipped"]
-                start = 0
-                for size in item["sizes"]:
-                    images, labels, indices = (item[k][start:start + size] for k in ("images", "labels", "indices"))
-                    start += size
-                    if item["pad_to"] is not None and item["pad_to"] > size:  # validation: the same shape everywhere
-                        pad = item["pad_to"] - size
-                        images = torch.cat([images, images.new_zeros((pad, *images.shape[1:]))])
-                        labels = torch.cat([labels, labels.new_full((pad,), PAD_LABEL)])
-                    done += 1
-                    self.end_of_dataloader = done == total
-                    yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
-                           indices)
-            if done != total:  # never a silently shorter epoch
-                raise ToolkitError(f"the {self.blocks.split} split gave {done} batches where the plan has {total}")
+                images, labels = item["images"], item["labels"]
+                if item["pad_to"] is not None and item["pad_to"] > len(labels):  # validation: one shape everywhere
+                    pad = item["pad_to"] - len(labels)
+                    images = torch.cat([images, images.new_zeros((pad, *images.shape[1:]))])
+                    labels = torch.cat([labels, labels.new_full((pad,), PAD_LABEL)])
+                done += 1
+                self.end_of_dataloader = done == len(order)
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), item["indices"]
         finally:
             self.blocks.start_batch = 0
             self.end()
