@@ -27,7 +27,7 @@ from toolkit.shard import write_shards
 sys.path.insert(0, str(ROOT / "bench"))
 from range_server import serve  # noqa: E402
 
-# digits as 2 KB samples in shards of 64 KB: 1,617 train samples in 62 shards, 180 val in 7
+# digits as 2 KB samples in shards of 64 KB: 1,617 train samples in 56 shards, 180 val in 7
 TRAIN, VAL = 1617, 180
 
 
@@ -178,6 +178,14 @@ def test_training_over_http_ends_with_the_weights_of_training_from_disk(tmp_path
     a, b = (torch.load(r / "checkpoints" / "best" / "weights.pt", weights_only=True) for r in (local, remote))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_jsonl(local / "metrics.jsonl")[0]["val_samples"] == VAL
+
+
+def test_evaluate_reads_a_shard_runs_validation_set(tmp_path, digits_shards, capsys):
+    run_dir, summary = train_run(tmp_path, *COMMON, f"data.root={digits_shards}")
+    code, out, err = run_main(capsys, "evaluate", str(run_dir))
+    assert code == 0, err
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["accuracy"] == pytest.approx(summary["best_val_acc"], abs=1e-9), report.keys()
 
 
 def _copy(src, dst):

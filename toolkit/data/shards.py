@@ -275,6 +275,13 @@ class ShardLoader(DataLoaderStateMixin):
             yield images, labels
 
 
+def split_tensors(blocks: ShardBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in memory, in its order (toolkit evaluate, and the export's check, on a run's validation set)."""
+    blocks.processes, blocks.process, blocks.batch = 1, 0, 256
+    batches = list(ShardLoader(blocks, 0, False, torch.device("cpu"), 0).batches())
+    return torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches])
+
+
 def shard_bundle(cfg, pre: Preprocess):
     """data.name shards: the shard set at data.root, every shard checked present and whole, as a DataBundle."""
     from toolkit.data.pipelines import DataBundle
