@@ -279,3 +279,16 @@ def test_shard_config_is_checked_like_the_rest(tmp_path, digits_shards, capsys):
     assert code == 2 and "neither a directory of class folders nor one of" in err
     code, _, err = run_main(capsys, "shard", "digits", str(tmp_path / "y"), "--shard-size", "lots")
     assert code == 2 and "--shard-size: 'lots'" in err
+
+
+def test_a_shard_run_resumes_from_where_its_set_is_now(tmp_path, digits_shards, capsys):
+    """data.root may change on resume (a set moved to a server): the run's config.yaml holds the resolved
+    preprocessing, so the old directory is never read again."""
+    moved = shutil.copytree(digits_shards, tmp_path / "before")
+    run_dir, _ = train_run(tmp_path, *COMMON, f"data.root={moved}", name="moved")
+    shutil.rmtree(moved)
+    with serve(digits_shards) as url:
+        code, out, err = run_main(capsys, "train", "--resume", str(run_dir), "--set", "train.epochs=2",
+                                  "--set", f"data.root={url}")
+    assert code == 0, err
+    assert f"data.root: '{moved}' -> '{url}'" in out and len(read_jsonl(run_dir / "metrics.jsonl")) == 2

@@ -80,7 +80,8 @@ class DataConfig(Section):
         """This section with the dataset's own values filled in where it says null (image_size, channels,
         mean, std): what the run actually uses, recorded in the run's config.yaml and shown by `config show`."""
         spec = DATASETS[self.name]
-        if self.name == "shards" and self.root:  # the shard set's own preprocessing, from its manifest
+        unset = None in (self.image_size, self.channels, self.mean)
+        if self.name == "shards" and self.root and unset:  # the shard set's own preprocessing, from its manifest
             from toolkit.manifest import load_shard_set
 
             own = load_shard_set(self.root).preprocessing
@@ -105,8 +106,6 @@ class DataConfig(Section):
             problems.append(("download", True, f"{self.name} data cannot be downloaded"))
         if self.name == "shards" and self.pipeline != "auto":
             problems.append(("pipeline", self.pipeline, "does not apply to data.name shards, which is always streamed (leave it auto)"))
-        if self.name == "shards" and self.root and "://" not in self.root and "{" not in self.root and not Path(self.root).is_dir():
-            problems.append(("root", self.root, "does not exist or is not a directory (expected what `toolkit shard` wrote: manifest.json and tar shards)"))
         if isinstance(self.batch_size, int) and self.batch_size <= 0:
             problems.append(("batch_size", self.batch_size, "must be greater than 0, or auto"))
         for key in ("mean", "std"):
