@@ -120,43 +120,33 @@ def readers(root: Path, url: str | None) -> list[tuple[str, float, int]]:
     return rows
 
 
-def decoders(root: Path, size: int, count: int = 300) -> list[tuple[str, float, int]]:
+def decoders(root: Path, size: int, count: int = 200) -> list[tuple[str, float, int]]:
+    """Per image, PIL as preprocess.py reads it (with its JPEG draft: a decode at 1/2, 1/4 or 1/8 scale when the
+    image is that much larger than needed) against torchvision.io.decode_jpeg and resize_uint8, for the bench's
+    images, 4x larger ones and an ImageNet-like 500 x 375 to 224."""
     from torchvision.io import decode_jpeg
 
     files = sorted(root.rglob("*.jpg"))[:count]
-    data = [f.read_bytes() for f in files]
-    pre = Preprocess(channels=3, image_size=size, resize="resize", mean=[0.5] * 3, std=[0.5] * 3,
-                     preprocess_version=PREPROCESS_VERSION)
-
-    def with_pil():
-        for d in data:
-            load_uint8(d, pre)
-
-    def with_torchvision():
-        for d in data:
-            resize_uint8(decode_jpeg(torch.frombuffer(d, dtype=torch.uint8)).unsqueeze(0), size, "resize")
-
-    big = [_recoded(d, 4) for d in data[:100]]  # 640 x 480: PIL's draft decodes it at 1/2 or 1/4 scale
-
-    def with_pil_big():
-        for d in big:
-            load_uint8(d, pre)
-
-    def with_torchvision_big():
-        for d in big:
-            resize_uint8(decode_jpeg(torch.frombuffer(d, dtype=torch.uint8)).unsqueeze(0), size, "resize")
-
-    w, h = Image.open(io.BytesIO(data[0])).size
-    return [(f"PIL (preprocess.py), {w}x{h} -> {size}", timed(with_pil, 3), len(data)),
-            (f"torchvision.io.decode_jpeg + resize, {w}x{h} -> {size}", timed(with_torchvision, 3), len(data)),
-            (f"PIL (preprocess.py), {4 * w}x{4 * h} -> {size}", timed(with_pil_big, 3), len(big)),
-            (f"torchvision.io.decode_jpeg + resize, {4 * w}x{4 * h} -> {size}", timed(with_torchvision_big, 3), len(big))]
+    small = [f.read_bytes() for f in files]
+    rows = []
+    for data, side in ((small, size), ([_recoded(d, 4) for d in small[:100]], size),
+                       ([_recoded(d, 500 / 160) for d in small[:100]], 224)):
+        pre = Preprocess(channels=3, image_size=side, resize="resize", mean=[0.5] * 3, std=[0.5] * 3,
+                         preprocess_version=PREPROCESS_VERSION)
+        buffers = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        w, h = Image.open(io.BytesIO(data[0])).size
+        pil = timed(lambda: [load_uint8(d, pre) for d in data], 3)
+        tv = timed(lambda: [resize_uint8(decode_jpeg(b).unsqueeze(0), side, "resize") for b in buffers], 3)
+        rows += [(f"PIL (preprocess.py), {w}x{h} -> {side}", pil, len(data)),
+                 (f"torchvision.io.decode_jpeg + resize_uint8, {w}x{h} -> {side}", tv, len(data))]
+    return rows
 
 
-def _recoded(data: bytes, factor: int) -> bytes:
+def _recoded(data: bytes, factor: float) -> bytes:
     image = Image.open(io.BytesIO(data))
     out = io.BytesIO()
-    image.resize((image.width * factor, image.height * factor), Image.BICUBIC).save(out, format="JPEG", quality=90)
+    image.resize((round(image.width * factor), round(image.height * factor)), Image.BICUBIC).save(
+        out, format="JPEG", quality=90)
     return out.getvalue()
 
 
@@ -207,7 +197,7 @@ def main() -> None:
             for name, seconds, n in readers(tmp / "shards", url):
                 print(f"| {name} | {seconds / n * 1e6:.1f} | {size_mb / seconds:,.0f} |")
             print("\n| decode (one JPEG to uint8 at the model's size) | us/image |\n|---|---|")
-            for name, seconds, n in decoders(folder, args.size):
+            for name, seconds, n in decoders(folder, args.size, 40 if args.quick else 200):
                 print(f"| {name} | {seconds / n * 1e6:.0f} |")
             rows = [("folder DataLoader (data.pipeline loader)",
                      DataConfig(name="imagefolder", root=str(folder), pipeline="loader", **common)),
