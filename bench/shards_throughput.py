@@ -37,7 +37,8 @@ from toolkit.config import DataConfig  # noqa: E402
 from toolkit.data import build_data, build_loaders  # noqa: E402
 from toolkit.data.shards import read_members  # noqa: E402
 from toolkit.manifest import load_shard_set, open_range  # noqa: E402
-from toolkit.preprocess import PREPROCESS_VERSION, Preprocess, load_uint8, resize_uint8  # noqa: E402
+from toolkit.preprocess import (PREPROCESS_VERSION, Preprocess, load_uint8, open_image, pil_to_uint8,  # noqa: E402
+                                resize_uint8)
 from toolkit.shard import write_shards  # noqa: E402
 
 
@@ -124,7 +125,11 @@ def decoders(root: Path, size: int, count: int = 200) -> list[tuple[str, float, 
     """Per image, PIL as preprocess.py reads it (with its JPEG draft: a decode at 1/2, 1/4 or 1/8 scale when the
     image is that much larger than needed) against torchvision.io.decode_jpeg and resize_uint8, for the bench's
     images, 4x larger ones and an ImageNet-like 500 x 375 to 224."""
+    import warnings
+
     from torchvision.io import decode_jpeg
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's notice on its decoders
 
     files = sorted(root.rglob("*.jpg"))[:count]
     small = [f.read_bytes() for f in files]
@@ -135,10 +140,12 @@ def decoders(root: Path, size: int, count: int = 200) -> list[tuple[str, float, 
                          preprocess_version=PREPROCESS_VERSION)
         buffers = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
         w, h = Image.open(io.BytesIO(data[0])).size
-        pil = timed(lambda: [load_uint8(d, pre) for d in data], 3)
+        pil = timed(lambda: [pil_to_uint8(open_image(d, side), 3, side, "resize") for d in data], 3)
         tv = timed(lambda: [resize_uint8(decode_jpeg(b).unsqueeze(0), side, "resize") for b in buffers], 3)
-        rows += [(f"PIL (preprocess.py), {w}x{h} -> {side}", pil, len(data)),
-                 (f"torchvision.io.decode_jpeg + resize_uint8, {w}x{h} -> {side}", tv, len(data))]
+        chosen = timed(lambda: [load_uint8(d, pre) for d in data], 3)
+        rows += [(f"PIL (open_image + pil_to_uint8), {w}x{h} -> {side}", pil, len(data)),
+                 (f"torchvision.io.decode_jpeg + resize_uint8, {w}x{h} -> {side}", tv, len(data)),
+                 (f"load_uint8, as training reads (the faster of the two), {w}x{h} -> {side}", chosen, len(data))]
     return rows
 
 
