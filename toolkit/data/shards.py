@@ -118,8 +118,8 @@ def decode(shard: Shard, index: int, member: dict[str, bytes] | BadSample | None
 
 class ShardBlocks(IterableDataset):
     """One split of a shard set, yielded a block at a time (a dict of uint8 images, labels, their indices in
-    the split and the block's batch sizes). `epoch`, `start_batch` and the process are set before each
-    iteration (the workers get a fresh copy each epoch)."""
+    the split and the block's batch sizes). The process is set before the workers start; `epoch` and
+    `start_batch` live in shared memory, so persistent workers read each pass's values when it begins."""
 
     def __init__(self, shard_set: ShardSet, split: str, pre: Preprocess, limits: Limits | None,
                  skip_bad: bool = False, shuffle_buffer: int = 1024):
@@ -128,7 +128,24 @@ class ShardBlocks(IterableDataset):
         self.counts = [s.count for s in self.shards]
         self.starts = [sum(self.counts[:i]) for i in range(len(self.counts))]  # each shard's first index in the split
         self.transform, self.seed = None, 0
-        self.epoch, self.start_batch, self.processes, self.process, self.batch = 0, 0, 1, 0, 1
+        self.processes, self.process, self.batch = 1, 0, 1
+        self.position = torch.zeros(2, dtype=torch.long).share_memory_()  # epoch, start_batch
+
+    @property
+    def epoch(self) -> int:
+        return int(self.position[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.position[0] = value
+
+    @property
+    def start_batch(self) -> int:
+        return int(self.position[1])
+
+    @start_batch.setter
+    def start_batch(self, value: int) -> None:
+        self.position[1] = value
 
     def augment(self, transform, seed: int) -> None:
         self.transform, self.seed = transform, seed
@@ -151,15 +168,15 @@ class ShardBlocks(IterableDataset):
 
     def __iter__(self):
         """This worker's blocks (round-robin from the resume's block), one batch per item, tagged (block, batch)."""
-        plan = self.plan()
+        plan, start_batch = self.plan(), self.start_batch
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        first = self.start_batch // plan.per_block
+        first = start_batch // plan.per_block
         for block in range(first + worker, plan.num_blocks, workers):
             samples, position = self.read_block(plan, block), 0
             for batch, size in enumerate(plan.block_batches(block)):
                 chosen, position = samples[position:position + size], position + size
-                if block == first and batch < self.start_batch % plan.per_block:  # trained before the resume
+                if block == first and batch < start_batch % plan.per_block:  # trained before the resume
                     continue
                 item = self.decode_batch(chosen)
                 item.update(block=block, batch=batch, pad_to=plan.pad_to[block] if plan.pad_to else None)
@@ -224,6 +241,7 @@ class ShardLoader(DataLoaderStateMixin):
         self.blocks, self.num_workers, self.pin_memory, self.device, self.seed = blocks, num_workers, pin_memory, device, seed
         self.gradient_state = GradientState()
         self.skipped: list[str] = []  # bad samples left out in the latest pass
+        self.loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return len(self.blocks.plan().sizes)
@@ -242,13 +260,15 @@ class ShardLoader(DataLoaderStateMixin):
         plan, start = self.blocks.plan(), self.blocks.start_batch
         order = [(block, batch) for block in range(start // plan.per_block, plan.num_blocks)
                  for batch in range(len(plan.block_batches(block)))][start % plan.per_block:]
-        loader = DataLoader(self.blocks, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None,
-                            generator=torch.Generator().manual_seed(self.seed))  # never a draw of the global RNG
+        if self.loader is None:  # workers that stay: each pass reads its epoch and start from shared memory
+            self.loader = DataLoader(self.blocks, batch_size=None, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                     prefetch_factor=4 if self.num_workers else None,
+                                     generator=torch.Generator().manual_seed(self.seed))  # never a draw of the global RNG
         self.skipped, waiting, done = [], {}, 0
         self.begin()
         try:
-            items = iter(loader)
+            items = iter(self.loader)
             for turn in order:
                 while turn not in waiting:
                     item = next(items, None)
