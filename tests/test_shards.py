@@ -81,6 +81,11 @@ def test_shard_writes_the_split_as_webdataset_tars_with_a_manifest(digits_shards
     val = epoch(digits_shards, "val", batch=64)[0]
     assert torch.equal(torch.cat([x for _, _, x in val]), bundle.val.images)
     assert [y for _, labels, _ in val for y in labels] == bundle.val.labels.tolist()
+    # one sample by its index (batch_size auto, toolkit samples, the export's calibration): a range read
+    blocks = ShardBlocks(load_shard_set(str(digits_shards)), "val", _pre(), None)
+    for i in (0, 29, 30, 179):
+        image, label = blocks[i]
+        assert torch.equal(image, bundle.val.images[i]) and label == bundle.val.labels[i]
 
 
 def test_a_folder_is_copied_byte_for_byte(tmp_path):

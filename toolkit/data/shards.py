@@ -1,12 +1,14 @@
 """data.name: shards: WebDataset-layout tar shards (toolkit shard) streamed from a directory or over HTTP. A worker
-reads a block of its process's plan (shard_plan.py) as byte ranges of one or two shards (webdataset's tar
-iteration over the stream; never a whole shard copied), shuffles it, then decodes and augments it a batch at a
+reads a block of its process's plan (shard_plan.py) as byte ranges of one or two shards (each sample sliced at the
+manifest's offsets, its tar headers checked; never a whole shard copied), shuffles it, then decodes and augments it a batch at a
 time; ShardLoader puts the workers' batches back in plan order on the device. A bad sample stops the run naming
 the shard and the sample, or, with data.skip_bad_samples, is left out and counted on the epoch line."""
 
 from __future__ import annotations
 
+import bisect
 import http.client
+import itertools
 import tarfile
 import urllib.error
 
@@ -57,7 +59,7 @@ def read_members(shard: Shard, lo: int, hi: int) -> dict[str, dict[str, bytes]]:
     """Samples [lo, hi) of a shard: key -> {extension: bytes}, each sample sliced out of the byte range the manifest
     gives it (its headers checked, no scan of the tar). A stream that breaks (truncated shard, HTTP error) raises
     BadSample naming the first sample it did not deliver whole, what came before in `exc.members`; a sample whose
-    own bytes are not a tar member's is None (named by decode)."""
+    own bytes are not its tar members carries `__wrong__`, why (decode names it)."""
     members: dict[str, dict[str, bytes] | None] = {}
     try:
         stream = open_range(shard.url, shard.offsets[lo], shard.offsets[hi])
@@ -117,8 +119,8 @@ def decode(shard: Shard, index: int, member: dict[str, bytes] | BadSample | None
 
 
 class ShardBlocks(IterableDataset):
-    """One split of a shard set, yielded a block at a time (a dict of uint8 images, labels, their indices in
-    the split and the block's batch sizes). The process is set before the workers start; `epoch` and
+    """One split of a shard set, yielded a batch at a time (a dict of uint8 images, labels, their indices in the
+    split, the bad samples left out, and where the batch is in the plan). The process is set before the workers start; `epoch` and
     `start_batch` live in shared memory, so persistent workers read each pass's values when it begins."""
 
     def __init__(self, shard_set: ShardSet, split: str, pre: Preprocess, limits: Limits | None,
@@ -126,7 +128,7 @@ class ShardBlocks(IterableDataset):
         self.shards, self.split, self.pre, self.limits = shard_set.split(split), split, pre, limits
         self.num_classes, self.skip_bad, self.shuffle_buffer = len(shard_set.classes), skip_bad, shuffle_buffer
         self.counts = [s.count for s in self.shards]
-        self.starts = [sum(self.counts[:i]) for i in range(len(self.counts))]  # each shard's first index in the split
+        self.starts = [0, *itertools.accumulate(self.counts)][:-1]  # each shard's first index in the split
         self.transform, self.seed = None, 0
         self.processes, self.process, self.batch = 1, 0, 1
         self.position = torch.zeros(2, dtype=torch.long).share_memory_()  # epoch, start_batch
@@ -160,7 +162,9 @@ class ShardBlocks(IterableDataset):
 
     def __getitem__(self, index: int):
         """One sample by its index in the split (batch_size auto, `toolkit samples`, calibration): a range read."""
-        shard = max(i for i, start in enumerate(self.starts) if start <= index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a split of {len(self)}")
+        shard = bisect.bisect_right(list(itertools.accumulate(self.counts)), index)  # empty shards are passed over
         local = index - self.starts[shard]
         members = read_members(self.shards[shard], local, local + 1)
         return decode(self.shards[shard], local, members.get(self.shards[shard].keys[local]), self.pre, self.limits,
