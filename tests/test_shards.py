@@ -19,7 +19,8 @@ from test_data import make_folder
 from toolkit.config import DataConfig
 from toolkit.data import build_data
 from toolkit.data.shard_plan import make_plan
-from toolkit.data.shards import ShardBlocks, ShardLoader
+from toolkit.data.shard_loader import ShardLoader
+from toolkit.data.shards import ShardBlocks
 from toolkit.manifest import load_shard_set
 from toolkit.preprocess import PREPROCESS_VERSION, Limits, Preprocess
 from toolkit.shard import write_shards

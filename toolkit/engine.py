@@ -27,6 +27,7 @@ from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
 from toolkit.summary import trainer_state, write_summary
 from toolkit.data import num_steps, skip_batches
+from toolkit.data.shard_loader import skipped_samples
 from toolkit.training import Training, build_training, prepare_run_dir
 from toolkit.validation import served, validate
 
@@ -182,18 +183,6 @@ def run_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> dict:
                 eval_precision=run.eval_precision, lr=run.scheduler.get_last_lr()[0],
                 images_per_s=seen / train_s, num_processes=run.accelerator.num_processes,
                 epoch_s=time.perf_counter() - t_epoch, **skipped_samples(run))
-
-
-def skipped_samples(run: Training) -> dict:
-    """data.skip_bad_samples on a shard set: the bad samples left out this epoch, over every process."""
-    if not run.cfg.data.skip_bad_samples or not hasattr(run.train_loader, "skipped"):
-        return {}
-    mine = [*run.train_loader.skipped, *run.val_loader.skipped]
-    total = int(run.accelerator.reduce(torch.tensor([float(len(mine))], device=run.accelerator.device), "sum").item())
-    if mine:
-        run.reporter.print(f"[yellow]skipped {len(mine)} bad sample(s) on the main process, the first: {mine[0]}[/]",
-                           highlight=False)
-    return {"skipped_samples": total}
 
 
 def reduce_due(step: int, steps: int, log_every: int) -> bool:

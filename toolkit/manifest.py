@@ -114,6 +114,12 @@ def load_shard_set(root: str) -> ShardSet:
     return ShardSet(root, classes, preprocessing, shards)
 
 
+def shard_defaults(root: str) -> dict:
+    """The channels, image_size, mean and std a shard set's source has (data.* null resolves to them)."""
+    own = load_shard_set(root).preprocessing
+    return {k: own[k] for k in ("channels", "image_size", "mean", "std")}
+
+
 def check_shards(shard_set: ShardSet) -> None:
     """Every shard present at the size the manifest says, before any training: a missing or truncated shard is
     named now, not when an epoch reaches it."""

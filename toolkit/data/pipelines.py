@@ -116,7 +116,7 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bo
     """Train loader (reproducible shuffle per epoch) and val loader (in order). A shard set's loaders are this
     process's own (`accelerator` tells which), never prepared."""
     if bundle.pipeline == "shards":
-        from toolkit.data.shards import shard_loaders
+        from toolkit.data.shard_loader import shard_loaders
 
         return shard_loaders(bundle, cfg, seed, pin_memory, accelerator)
     # one index tensor per batch (no per-sample Python); files are keyed by epoch for their augmentation

@@ -1,7 +1,7 @@
 """data.name: shards: WebDataset-layout tar shards (toolkit shard) streamed from a directory or over HTTP. A worker
 reads a block of its process's plan (shard_plan.py) as byte ranges of one or two shards (each sample sliced at the
 manifest's offsets, its tar headers checked; never a whole shard copied), shuffles it, then decodes and augments it a batch at a
-time; ShardLoader puts the workers' batches back in plan order on the device. A bad sample stops the run naming
+time; ShardLoader (shard_loader.py) puts the workers' batches back in plan order on the device. A bad sample stops the run naming
 the shard and the sample, or, with data.skip_bad_samples, is left out and counted on the epoch line."""
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import tarfile
 import urllib.error
 
 import torch
-from accelerate.data_loader import DataLoaderStateMixin
-from accelerate.state import GradientState
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from toolkit.data.shard_plan import PAD_LABEL, Plan, block_permutation, make_plan
+from toolkit.data.shard_plan import Plan, block_permutation, make_plan
 from toolkit.errors import ImageFileError, ToolkitError
 from toolkit.manifest import Shard, ShardSet, open_range
 from toolkit.preprocess import READ_ERRORS, Limits, Preprocess, load_uint8
@@ -234,96 +232,3 @@ class ShardBlocks(IterableDataset):
         return {"images": torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8),
                 "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.tensor(indices, dtype=torch.long),
                 "skipped": skipped}
-
-
-class ShardLoader(DataLoaderStateMixin):
-    """The batches of one process, in plan order, on the device; its length is known up front from the manifest.
-    Not prepared by Accelerate (whose sharding of an iterable dataset would read every sample on every process):
-    it tells Accelerate's gradient state where the epoch ends, as a prepared loader does."""
-
-    def __init__(self, blocks: ShardBlocks, num_workers: int, pin_memory: bool, device: torch.device, seed: int):
-        self.blocks, self.num_workers, self.pin_memory, self.device, self.seed = blocks, num_workers, pin_memory, device, seed
-        self.gradient_state = GradientState()
-        self.skipped: list[str] = []  # bad samples left out in the latest pass
-        self.loader: DataLoader | None = None
-
-    def __len__(self) -> int:
-        return len(self.blocks.plan().sizes)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.blocks.epoch = epoch
-
-    def from_batch(self, batch: int) -> "ShardLoader":
-        """The next pass starts at this batch of the epoch (a mid-epoch resume): read from its block on."""
-        self.blocks.start_batch = batch
-        return self
-
-    def batches(self):
-        """(images, labels, indices in the split) per batch, in plan order: the workers' batches come round-robin,
-        each worker's in its own order, and wait here (at most a block per worker) until their turn."""
-        plan, start = self.blocks.plan(), self.blocks.start_batch
-        order = [(block, batch) for block in range(start // plan.per_block, plan.num_blocks)
-                 for batch in range(len(plan.block_batches(block)))][start % plan.per_block:]
-        if self.loader is None:  # workers that stay: each pass reads its epoch and start from shared memory
-            self.loader = DataLoader(self.blocks, batch_size=None, num_workers=self.num_workers,
-                                     pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                                     prefetch_factor=4 if self.num_workers else None,
-                                     generator=torch.Generator().manual_seed(self.seed))  # never a draw of the global RNG
-        self.skipped, waiting, done = [], {}, 0
-        self.begin()
-        try:
-            items = iter(self.loader)
-            for turn in order:
-                while turn not in waiting:
-                    item = next(items, None)
-                    if item is None:  # never a silently shorter epoch
-                        raise ToolkitError(f"the {self.blocks.split} split gave {done} batches where the plan has "
-                                           f"{len(order)}")
-                    waiting[item["block"], item["batch"]] = item
-                item = waiting.pop(turn)
-                self.skipped += item["skipped"]
-                images, labels = item["images"], item["labels"]
-                if item["pad_to"] is not None and item["pad_to"] > len(labels):  # validation: one shape everywhere
-                    pad = item["pad_to"] - len(labels)
-                    images = torch.cat([images, images.new_zeros((pad, *images.shape[1:]))])
-                    labels = torch.cat([labels, labels.new_full((pad,), PAD_LABEL)])
-                done += 1
-                self.end_of_dataloader = done == len(order)
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), item["indices"]
-        finally:
-            self.blocks.start_batch = 0
-            self.end()
-
-    def __iter__(self):
-        for images, labels, _ in self.batches():
-            yield images, labels
-
-
-def split_tensors(blocks: ShardBlocks) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split in memory, in its order (toolkit evaluate, and the export's check, on a run's validation set)."""
-    blocks.processes, blocks.process, blocks.batch = 1, 0, 256
-    batches = list(ShardLoader(blocks, 0, False, torch.device("cpu"), 0).batches())
-    return torch.cat([x for x, _, _ in batches]), torch.cat([y for _, y, _ in batches])
-
-
-def shard_bundle(cfg, pre: Preprocess):
-    """data.name shards: the shard set at data.root, every shard checked present and whole, as a DataBundle."""
-    from toolkit.data.pipelines import DataBundle
-    from toolkit.manifest import check_shards, load_shard_set
-
-    shard_set = load_shard_set(cfg.root)
-    check_shards(shard_set)
-    limits = Limits(max_pixels=cfg.max_pixels, max_side=cfg.max_side)
-    train, val = (ShardBlocks(shard_set, split, pre, limits, cfg.skip_bad_samples, cfg.shuffle_buffer)
-                  for split in ("train", "val"))
-    return DataBundle(train, val, shard_set.classes, pre, "shards", source_side=shard_set.preprocessing.get("source_side"))
-
-
-def shard_loaders(bundle, cfg, seed: int, pin_memory: bool, accelerator) -> tuple[ShardLoader, ShardLoader]:
-    """This process's train loader (its span of each epoch's plan) and val loader (its span, in order)."""
-    loaders = []
-    for blocks, batch in ((bundle.train, cfg.batch_size), (bundle.val, cfg.eval_batch_size or 2 * cfg.batch_size)):
-        blocks.processes, blocks.process, blocks.batch = accelerator.num_processes, accelerator.process_index, batch
-        blocks.seed = seed
-        loaders.append(ShardLoader(blocks, cfg.num_workers, pin_memory, accelerator.device, seed))
-    return loaders[0], loaders[1]

@@ -25,7 +25,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, pre)
     if cfg.name == "shards":
-        from toolkit.data.shards import shard_bundle
+        from toolkit.data.shard_loader import shard_bundle
 
         return shard_bundle(cfg, pre)
     images, labels, val_images, val_labels, classes = source_arrays(cfg)
