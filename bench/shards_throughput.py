@@ -112,13 +112,22 @@ def readers(root: Path, url: str | None) -> list[tuple[str, float, int]]:
     rows = [("toolkit: manifest offsets, headers checked (data/shards.py), disk", timed(lambda: toolkit_reader(None), 3), n),
             ("webdataset tar iteration, disk", timed(lambda: webdataset_iter(None), 3), n),
             ("stdlib tarfile stream, disk", timed(lambda: stdlib(None), 3), n),
-            ("wids indexed (mmap), disk", timed(wids_local, 3), n),
+            *([("wids indexed (mmap), disk", timed(wids_local, 3), n)] if _installed("wids") else []),
             ("manifest offsets, seek + read only (no checks), disk", timed(offsets_only, 3), n)]
     if url:
         rows += [("toolkit: manifest offsets, headers checked, HTTP", timed(lambda: toolkit_reader(url), 3), n),
                  ("webdataset tar iteration, HTTP", timed(lambda: webdataset_iter(url), 3), n),
                  ("stdlib tarfile stream, HTTP", timed(lambda: stdlib(url), 3), n)]
     return rows
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        print(f"({module} is not installed, its row is left out: pip install {module})")
+        return False
+    return True
 
 
 def decoders(root: Path, size: int, count: int = 200) -> list[tuple[str, float, int]]:
