@@ -1,7 +1,8 @@
 """data.name: shards: `toolkit shard` writes real tar shards (WebDataset's layout) and a manifest; training streams
 them from disk or from an HTTP server on loopback, every sample exactly once per epoch over processes and workers
 (indices counted), reproducibly, resumable mid-epoch; bad shards stop the run naming the shard and the sample, or
-are skipped and counted. Two processes and the mid-epoch resume of a launch: test_shards_launch.py."""
+are skipped and counted. The HTTP server (bench/range_server.py) runs on loopback in a module fixture, or per test
+for one without byte ranges or one that breaks mid-shard. Two processes and a launch resumed: test_shards_launch.py."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def digits_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits"
     write_shards("digits", out, "64KB")
     return out
+
+
+@pytest.fixture(scope="module")
+def http_shards(digits_shards):
+    """The digits' shard set served over HTTP on loopback (byte ranges, as nginx or S3 answer), for the module."""
+    with serve(digits_shards) as url:
+        yield url
 
 
 def _pre(channels=1, size=8) -> Preprocess:
@@ -176,10 +184,9 @@ COMMON = ["data.name=shards", "model.name=bn_cnn", "data.image_size=8", "data.ba
           "data.num_workers=1", "data.shuffle_buffer=256"]
 
 
-def test_training_over_http_ends_with_the_weights_of_training_from_disk(tmp_path, digits_shards):
+def test_training_over_http_ends_with_the_weights_of_training_from_disk(tmp_path, digits_shards, http_shards):
     local, summary = train_run(tmp_path, *COMMON, f"data.root={digits_shards}", name="local")
-    with serve(digits_shards) as url:
-        remote, _ = train_run(tmp_path, *COMMON, f"data.root={url}", name="remote")
+    remote, _ = train_run(tmp_path, *COMMON, f"data.root={http_shards}", name="remote")
     assert summary["val_samples"] == VAL and summary["best_val_acc"] > 0.5
     a, b = (torch.load(r / "checkpoints" / "best" / "weights.pt", weights_only=True) for r in (local, remote))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -287,14 +294,13 @@ def test_shard_config_is_checked_like_the_rest(tmp_path, digits_shards, capsys):
     assert code == 2 and "--shard-size: 'lots'" in err
 
 
-def test_a_shard_run_resumes_from_where_its_set_is_now(tmp_path, digits_shards, capsys):
+def test_a_shard_run_resumes_from_where_its_set_is_now(tmp_path, digits_shards, http_shards, capsys):
     """data.root may change on resume (a set moved to a server): the run's config.yaml holds the resolved
     preprocessing, so the old directory is never read again."""
     moved = shutil.copytree(digits_shards, tmp_path / "before")
     run_dir, _ = train_run(tmp_path, *COMMON, f"data.root={moved}", name="moved")
     shutil.rmtree(moved)
-    with serve(digits_shards) as url:
-        code, out, err = run_main(capsys, "train", "--resume", str(run_dir), "--set", "train.epochs=2",
-                                  "--set", f"data.root={url}")
+    code, out, err = run_main(capsys, "train", "--resume", str(run_dir), "--set", "train.epochs=2",
+                              "--set", f"data.root={http_shards}")
     assert code == 0, err
-    assert f"data.root: '{moved}' -> '{url}'" in out and len(read_jsonl(run_dir / "metrics.jsonl")) == 2
+    assert f"data.root: '{moved}' -> '{http_shards}'" in out and len(read_jsonl(run_dir / "metrics.jsonl")) == 2
