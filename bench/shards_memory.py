@@ -47,10 +47,11 @@ def write(out: Path, train: int, size: int) -> None:
               [str(c) for c in range(10)], pre, {"name": "generated"}, 64 * 10**6)
 
 
-def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, float, int, str]:
-    """Run cmd; (exit status, peak MB of the main process, peak MB of any of its workers, workers seen, output)."""
+def peak_rss(cmd: list[str], env: dict) -> tuple[int, dict, dict, int, str]:
+    """Run cmd; (exit status, peak RSS and USS in MB of the main process, the same of any of its workers, workers
+    seen, output). USS: the memory only that process holds (a worker shares its parent's pages after the fork)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peaks: dict[int, float] = {}
+    peaks: dict[int, dict] = {}
     done = threading.Event()
 
     def sample() -> None:
@@ -58,7 +59,8 @@ def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, float, int, str]:
         while not done.is_set():
             try:
                 for p in [main, *main.children(recursive=True)]:
-                    peaks[p.pid] = max(peaks.get(p.pid, 0.0), p.memory_info().rss / 2**20)
+                    info, seen = p.memory_full_info(), peaks.setdefault(p.pid, {"rss": 0.0, "uss": 0.0})
+                    seen["rss"], seen["uss"] = max(seen["rss"], info.rss / 2**20), max(seen["uss"], info.uss / 2**20)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -69,7 +71,8 @@ def peak_rss(cmd: list[str], env: dict) -> tuple[int, float, float, int, str]:
     done.set()
     thread.join()
     workers = [mb for pid, mb in peaks.items() if pid != proc.pid]
-    return proc.returncode, peaks.get(proc.pid, 0.0), max(workers, default=0.0), len(workers), out
+    worst = {k: max((w[k] for w in workers), default=0.0) for k in ("rss", "uss")}
+    return proc.returncode, peaks.get(proc.pid, {"rss": 0.0, "uss": 0.0}), worst, len(workers), out
 
 
 def main() -> None:
@@ -84,8 +87,8 @@ def main() -> None:
     per_image = 3 * args.size * args.size
     print(f"load average {os.getloadavg()[0]:.2f}; data.memory_limit_mb {limit:g}; {per_image:,} bytes an image at "
           f"3x{args.size}x{args.size}")
-    print("\n| dataset (pixels at the model's size) | x limit | shards on disk | peak RSS main | peak RSS per worker | "
-          "workers | images/s |\n|---|---|---|---|---|---|---|")
+    print("\n| dataset (pixels at the model's size) | x limit | shards on disk | main: peak RSS / USS | a worker: peak RSS / "
+          "USS | workers | images/s |\n|---|---|---|---|---|---|---|")
     toolkit = str(Path(sys.executable).parent / "toolkit")
     for times in args.times:
         count = int(times * limit * 2**20 / per_image)
@@ -103,7 +106,8 @@ def main() -> None:
                 raise SystemExit(out[-3000:])
             rate = next((line.split("|")[-1].strip(" *") for line in out.splitlines() if line.startswith("Epoch [")), "?")
             print(f"| {count:,} images, {count * per_image / 2**20:,.0f} MB | {times:g} | {disk:,.0f} MB | "
-                  f"{main_mb:,.0f} MB | {worker_mb:,.0f} MB | {workers} | {rate} |")
+                  f"{main_mb['rss']:,.0f} / {main_mb['uss']:,.0f} MB | {worker_mb['rss']:,.0f} / {worker_mb['uss']:,.0f} MB | "
+                  f"{workers} | {rate} |")
     print(f"\nload average {os.getloadavg()[0]:.2f}")
 
 
