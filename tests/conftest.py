@@ -140,7 +140,8 @@ def format_runs(tmp_path_factory) -> dict[str, Path]:
 # left with a long one at the end. (A session fixture is built once per worker that needs it.)
 LONGEST = ("test_serve_e2e.py", "test_readme.py", "test_formats.py", "test_handler_formats.py", "test_cluster.py",
            "test_gpu_check.py", "test_kill_resume.py", "test_sweep_slurm.py", "test_distributed.py", "test_ema.py",
-           "test_sweep.py", "test_launch_errors.py", "test_preempt_signals.py", "test_handler.py", "test_precision.py")
+           "test_sweep.py", "test_launch_errors.py", "test_preempt_signals.py", "test_shards_launch.py",
+           "test_handler.py", "test_precision.py")
 
 
 def pytest_collection_modifyitems(config, items):

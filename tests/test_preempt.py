@@ -1,6 +1,6 @@
 """Mid-epoch checkpoints (train.checkpoint_every) and the stop seam (hooks.Requests), in one process: a
 run stopped inside an epoch resumes at the next batch and ends with the weights of a run never stopped,
-for the in-memory and the DataLoader pipelines. Signals, Ctrl-C and two processes: test_preempt_signals.py."""
+for the in-memory and the DataLoader pipelines and a shard set. Signals, Ctrl-C and two processes: test_preempt_signals.py."""
 
 from __future__ import annotations
 
@@ -41,12 +41,18 @@ def _equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture(params=["memory", "loader"])
+@pytest.fixture(params=["memory", "loader", "shards"])
 def data(request, tmp_path):
     if request.param == "memory":
         return []
     root = make_folder(tmp_path / "photos", per_class=40)  # 120 files: 90 train = 12 steps of 8 (last of 2)
-    return ["data.name=imagefolder", f"data.root={root}", "data.pipeline=loader", "data.num_workers=1",
+    source = ["data.name=imagefolder", f"data.root={root}", "data.pipeline=loader"]
+    if request.param == "shards":  # the same files as tar shards; the resume (batch 4) starts inside a block of 3 batches
+        from toolkit.shard import write_shards
+
+        write_shards(str(root), tmp_path / "shards", "16KB", val_fraction=0.25)
+        source = ["data.name=shards", f"data.root={tmp_path / 'shards'}", "data.shuffle_buffer=24"]
+    return [*source, "data.num_workers=1",
             "data.batch_size=8", "data.image_size=16", "data.channels=3", "model.args={}",
             # per-sample augmentation in the worker, redrawn alike after the resume (seeded by epoch and index)
             "data.augment.resized_crop_scale=[0.5, 1.0]", "data.augment.color_jitter=0.3",

@@ -185,3 +185,30 @@ def test_a_training_file_above_the_limits_is_reported_by_its_path(tmp_path):
     cfg = DataConfig(name="imagefolder", root=str(root), image_size=16, pipeline="memory", max_side=100_000)
     bundle = build_data(cfg)  # within the raised limit: the thin file trains like any other
     assert len(bundle.train) + len(bundle.val) == 7
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("resize", ["resize", "resize_center_crop"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpegs_decoded_by_torchvision_equal_pils_pixels(channels, resize, version):
+    """load_uint8 takes decode_jpeg for a JPEG that PIL would decode whole (faster): the same uint8 pixels as PIL's
+    path, colour or gray, every chroma subsampling, sizes around the draft's threshold (4 x S) and a reduction."""
+    from toolkit.preprocess import jpeg_uint8, open_image
+
+    pre = Preprocess(channels=channels, image_size=32, resize=resize, mean=[0.5] * channels, std=[0.5] * channels,
+                     preprocess_version=version)
+    taken = 0
+    for (width, height), mode, subsampling in [((127, 96), "RGB", 2), ((40, 30), "RGB", 0), ((300, 100), "L", 0),
+                                               ((90, 127), "RGB", 1), ((129, 140), "RGB", 2), ((32, 32), "L", 0)]:
+        out = io.BytesIO()
+        picture(width, height, mode).save(out, format="JPEG", quality=90, subsampling=subsampling)
+        data = out.getvalue()
+        fast = jpeg_uint8(data, pre)
+        pil = pil_to_uint8(open_image(data, 32), channels, 32, resize, version)
+        assert torch.equal(load_uint8(data, pre), pil)
+        if min(width, height) < 4 * 32:  # no draft: torchvision's decode, equal to PIL's
+            assert fast is not None and torch.equal(fast, pil), (width, height, mode)
+            taken += 1
+        else:
+            assert fast is None  # PIL's draft decodes it at a reduced scale, faster still
+    assert taken == 5

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from toolkit.manifest import shard_defaults
 from toolkit.names import DATASETS, SEED_MODELS
 
 DatasetName = Literal[tuple(DATASETS)]
@@ -52,8 +53,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: DatasetName = Field("synthetic", description="Dataset: synthetic and digits need no download; mnist, fashion_mnist, cifar10, cifar100 are torchvision datasets under `root`; imagefolder reads class folders under `root`.")
-    root: Optional[str] = Field(None, description="Directory of the dataset (torchvision datasets and imagefolder). Relative paths are relative to the working directory.")
+    name: DatasetName = Field("synthetic", description="Dataset: synthetic and digits need no download; mnist, fashion_mnist, cifar10, cifar100 are torchvision datasets under `root`; imagefolder reads class folders under `root`; shards streams the tar shards `toolkit shard` wrote (from `root`, a directory or URL).")
+    root: Optional[str] = Field(None, description="Directory of the dataset (torchvision datasets and imagefolder). Relative paths are relative to the working directory. shards: the directory `toolkit shard` wrote, its http(s) URL (manifest.json read there), or a brace pattern of shard URLs (http://host/d/{train,val}-{000000..000099}.tar) with manifest.json beside them.")
     download: bool = Field(False, description="Let torchvision download a missing dataset into `root` (needs internet).")
     image_size: Optional[int] = Field(None, gt=0, description="Square side the model sees; null = the dataset's own (28 for MNIST, 32 for CIFAR, 8 for digits).")
     channels: Optional[Literal[1, 3]] = Field(None, description="1 = grayscale, 3 = RGB; null = the dataset's own. Images are converted either way.")
@@ -68,7 +69,9 @@ class DataConfig(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Share of the training set held out for validation where the source has no validation split.")
     split_seed: int = Field(0, description="Seed of the train/validation split (kept apart from train.seed so the split never moves).")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes (per-sample pipeline only).")
-    pipeline: Literal["auto", "memory", "loader"] = Field("auto", description="memory: decode once into a uint8 tensor and augment whole batches; loader: per-sample DataLoader; auto: memory when it fits under memory_limit_mb.")
+    pipeline: Literal["auto", "memory", "loader"] = Field("auto", description="memory: decode once into a uint8 tensor and augment whole batches; loader: per-sample DataLoader; auto: memory when it fits under memory_limit_mb. A shard set is always streamed (auto).")
+    shuffle_buffer: int = Field(1024, gt=0, description="shards: training samples a worker reads and shuffles together (rounded down to whole batches), after the shard order is shuffled per epoch; a worker holds a block's encoded bytes, the loader up to a block of decoded batches per worker.")
+    skip_bad_samples: bool = Field(False, description="shards: leave out a sample that cannot be read (corrupt or truncated shard, no label, HTTP error) and count it on the epoch line, instead of stopping the run naming the shard and sample.")
     memory_limit_mb: float = Field(4096, gt=0, description="Largest uint8 dataset (train + val) that `pipeline: auto` keeps in memory.")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest image file (width x height) training reads, checked from the header before decoding; a larger file stops the run with its path (as serve.max_pixels answers 413).")
     max_side: int = Field(65_535, gt=0, description="Longest side of an image file training reads (PIL's cost grows with the rows: a 1 x 40,000,000 PNG takes 1.5 s and 0.3-0.8 GB); a longer file stops the run with its path.")
@@ -78,6 +81,8 @@ class DataConfig(Section):
         """This section with the dataset's own values filled in where it says null (image_size, channels,
         mean, std): what the run actually uses, recorded in the run's config.yaml and shown by `config show`."""
         spec = DATASETS[self.name]
+        if self.name == "shards" and self.root and None in (self.image_size, self.channels, self.mean):
+            spec = spec._replace(**shard_defaults(self.root))  # the shard set's own, from its manifest
         channels = self.channels or spec.channels
         mean, std = (self.mean, self.std) if self.mean is not None else (spec.mean, spec.std)
         if self.mean is None and len(mean) != channels:  # dataset defaults follow a channel conversion
@@ -94,8 +99,10 @@ class DataConfig(Section):
             problems.append(("root", None, f"is required for data.name {self.name!r}: the directory holding the dataset"))
         if self.name == "imagefolder" and self.root and not Path(self.root).is_dir():
             problems.append(("root", self.root, "does not exist or is not a directory (expected class folders, or train/ and val/ of class folders)"))
-        if self.name == "imagefolder" and self.download:
-            problems.append(("download", True, "imagefolder data cannot be downloaded"))
+        if self.name in ("imagefolder", "shards") and self.download:
+            problems.append(("download", True, f"{self.name} data cannot be downloaded"))
+        if self.name == "shards" and self.pipeline != "auto":  # a shard set is always streamed
+            problems.append(("pipeline", self.pipeline, "does not apply to data.name shards, which is always streamed (leave it auto)"))
         if isinstance(self.batch_size, int) and self.batch_size <= 0:
             problems.append(("batch_size", self.batch_size, "must be greater than 0, or auto"))
         for key in ("mean", "std"):

@@ -26,7 +26,8 @@ from toolkit.resume import finished
 from toolkit.rundir import RunDir
 from toolkit.runtime import check_launch, device_report, keep_freed_memory, make_accelerator
 from toolkit.summary import trainer_state, write_summary
-from toolkit.data import num_steps
+from toolkit.data import num_steps, skip_batches
+from toolkit.data.shard_loader import skipped_samples
 from toolkit.training import Training, build_training, prepare_run_dir
 from toolkit.validation import served, validate
 
@@ -181,7 +182,7 @@ def run_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> dict:
     return dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, **scores,
                 eval_precision=run.eval_precision, lr=run.scheduler.get_last_lr()[0],
                 images_per_s=seen / train_s, num_processes=run.accelerator.num_processes,
-                epoch_s=time.perf_counter() - t_epoch)
+                epoch_s=time.perf_counter() - t_epoch, **skipped_samples(run))
 
 
 def reduce_due(step: int, steps: int, log_every: int) -> bool:
@@ -195,7 +196,7 @@ def train_epoch(run: Training, epoch: int, hooks: Sequence[Hook] = ()) -> tuple[
     accelerator, forward, reporter, requests = run.accelerator, run.forward, run.reporter, run.requests
     train_mode(forward)
     start, steps = run.state.batches_done, len(run.train_loader)
-    loader = accelerator.skip_first_batches(run.train_loader, start) if start else run.train_loader
+    loader = skip_batches(accelerator, run.train_loader, start)
     # sum of loss * n, correct, n, non-finite losses: kept on the device, read every few steps only. A resumed
     # epoch carries on from each process's own totals at the checkpoint (summed in the same order as unbroken).
     rows = partial_rows(run.state.partial, accelerator.num_processes) if start else []

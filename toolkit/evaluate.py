@@ -66,6 +66,11 @@ def run_validation_set(run_dir: Path, meta: Meta) -> tuple[EvalSet, int]:
         return EvalSet(val.labels.long(), description, images=val.images), batch
     if isinstance(val, TensorImages):  # resized batch by batch: take them at the model's size once
         return EvalSet(val.labels.long(), description, images=val[:][0]), batch
+    if bundle.pipeline == "shards":  # read once, in the split's fixed order
+        from toolkit.data.shard_loader import split_tensors
+
+        images, labels = split_tensors(val)
+        return EvalSet(labels, description, images=images), batch
     if not isinstance(val, FileImages):
         raise TypeError(f"unexpected validation dataset {type(val).__name__}")
     files, labels = zip(*val.samples) if len(val.samples) else ((), ())

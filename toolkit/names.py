@@ -27,4 +27,6 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(3, 32, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], True, "CIFAR10"),
     "cifar100": DatasetSpec(3, 32, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762], True, "CIFAR100"),
     "imagefolder": DatasetSpec(3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], True),
+    # the defaults of a shard set are its manifest's (DataConfig.resolved); these stand in until it is read
+    "shards": DatasetSpec(3, 224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], True),
 }

@@ -45,7 +45,9 @@ def epoch_line(epoch: int, epochs: int, m: dict, best: bool) -> str:
     width = len(str(epochs))
     return (f"Epoch [{epoch:>{width}}/{epochs}] Train Loss {m['train_loss']:.4f} | Train Acc {m['train_acc']:.2%} | "
             f"Val Loss {m['val_loss']:.4f} | Val Acc {m['val_acc']:.2%} | LR {m['lr']:.6f}"
-            f" | {m['images_per_s']:,.0f} img/s{' *' if best else ''}")
+            f" | {m['images_per_s']:,.0f} img/s"
+            f"{' | skipped ' + format(m['skipped_samples'], ',') + ' bad samples' if m.get('skipped_samples') else ''}"
+            f"{' *' if best else ''}")
 
 
 class Reporter:

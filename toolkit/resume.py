@@ -22,7 +22,7 @@ from toolkit.rundir import RunDir
 RESUMABLE = (
     "train.epochs", "train.patience", "train.log_every", "train.log_every_s",
     "train.log_with", "train.tracker_project", "train.num_threads", "train.compile", "train.checkpoint_every", "train.preempt_signals",
-    "train.collective_timeout_s", "data.root", "data.download", "data.num_workers",
+    "train.collective_timeout_s", "data.root", "data.download", "data.num_workers", "data.skip_bad_samples",
     "data.eval_batch_size", "serve.",
 )
 # How this invocation starts and how long it goes on (train.stop_after cuts a run into jobs: each job says

@@ -127,9 +127,12 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | s
     lr = scaled_lr(cfg.optim, effective_batch, cfg.data.batch_size)
     optimizer = build_optimizer(cfg.optim, net.parameters(), lr)
     data_cfg = cfg.data if batch_size == cfg.data.batch_size else cfg.data.model_copy(update={"batch_size": batch_size})
-    train_loader, val_loader = build_loaders(bundle, data_cfg, cfg.train.seed, accelerator.device.type == "cuda")
+    train_loader, val_loader = build_loaders(bundle, data_cfg, cfg.train.seed, accelerator.device.type == "cuda", accelerator)
     plain_forward = net.forward  # before prepare() wraps it in the training autocast
-    model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
+    if bundle.pipeline == "shards":  # each process streams its own span: nothing for Accelerate to shard
+        model, optimizer = accelerator.prepare(net, optimizer)
+    else:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(net, optimizer, train_loader, val_loader)
     steps_per_epoch = num_steps(len(train_loader), cfg.train.grad_accum_steps)
     scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
     forward = torch.compile(model) if cfg.train.compile else model

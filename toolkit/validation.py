@@ -10,6 +10,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 
+from toolkit.data.shard_plan import PAD_LABEL
+
 if TYPE_CHECKING:
     from toolkit.hooks import Hook
     from toolkit.training import Training
@@ -32,11 +34,12 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, forward, loader, 
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         logits = forward(augment(images, train=False))
-        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none", ignore_index=PAD_LABEL)
         losses, preds, labels = accelerator.gather_for_metrics((losses, logits.argmax(1), labels))
-        loss_sum += losses.sum().item()
-        correct += (preds == labels).sum().item()
-        seen += len(labels)
+        real = labels != PAD_LABEL  # a shard set's padding, which gives every process a batch of one shape
+        loss_sum += losses[real].sum().item()
+        correct += (preds[real] == labels[real]).sum().item()
+        seen += int(real.sum().item())
     return loss_sum / seen, correct / seen, seen
 
 

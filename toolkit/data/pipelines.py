@@ -82,7 +82,7 @@ class DataBundle:
     val: Dataset
     classes: list[str]
     preprocess: Preprocess
-    pipeline: str  # "memory" or "loader"
+    pipeline: str  # "memory", "loader" or "shards"
     source_side: int | None = None  # the source images' typical short side, before resizing
 
     @property
@@ -111,8 +111,14 @@ def _decode_all(files: FileImages) -> TensorImages:
     return TensorImages(images, labels)
 
 
-def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool) -> tuple[DataLoader, DataLoader]:
-    """Train loader (reproducible shuffle per epoch) and val loader (in order)."""
+def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bool,
+                  accelerator=None) -> tuple[DataLoader, DataLoader]:
+    """Train loader (reproducible shuffle per epoch) and val loader (in order). A shard set's loaders are this
+    process's own (`accelerator` tells which), never prepared."""
+    if bundle.pipeline == "shards":
+        from toolkit.data.shard_loader import shard_loaders
+
+        return shard_loaders(bundle, cfg, seed, pin_memory, accelerator)
     # one index tensor per batch (no per-sample Python); files are keyed by epoch for their augmentation
     sampler = EpochShuffle(len(bundle.train), seed, keyed=not bundle.in_memory)
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
@@ -128,6 +134,16 @@ def build_loaders(bundle: DataBundle, cfg: DataConfig, seed: int, pin_memory: bo
     train = DataLoader(bundle.train, batch_sampler=SliceBatches(sampler, cfg.batch_size, False), **common)
     val = DataLoader(bundle.val, batch_sampler=SliceBatches(SequentialSampler(bundle.val), eval_batch, False), **common)
     return train, val
+
+
+def skip_batches(accelerator, loader, count: int):
+    """The loader from its batch `count` on (a mid-epoch resume): a shard loader starts reading there, others
+    skip through Accelerate."""
+    if not count:
+        return loader
+    if hasattr(loader, "from_batch"):
+        return loader.from_batch(count)
+    return accelerator.skip_first_batches(loader, count)
 
 
 def num_steps(loader_len: int, grad_accum_steps: int) -> int:

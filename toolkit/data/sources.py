@@ -24,6 +24,27 @@ def build_data(cfg: DataConfig) -> DataBundle:
                      preprocess_version=PREPROCESS_VERSION)
     if cfg.name == "imagefolder":
         return _imagefolder(cfg, pre)
+    if cfg.name == "shards":
+        from toolkit.data.shard_loader import shard_bundle
+
+        return shard_bundle(cfg, pre)
+    images, labels, val_images, val_labels, classes = source_arrays(cfg)
+    fits = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size) == "memory"
+    native = images.shape[-1]
+    if fits or images.shape[-2] != native or native >= size:
+        train = TensorImages(_conform(images, channels, size, cfg.resize), labels)
+        val = TensorImages(_conform(val_images, channels, size, cfg.resize), val_labels)
+    else:  # too big at the model's size: keep the source size (uint8) and resize batch by batch
+        lazy = (size, cfg.resize)
+        train = TensorImages(_conform(images, channels, native, "resize"), labels, resize=lazy)
+        val = TensorImages(_conform(val_images, channels, native, "resize"), val_labels, resize=lazy)
+    return DataBundle(train, val, classes, pre, "memory", source_side=min(images.shape[-2:]))
+
+
+def source_arrays(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """An in-memory source (synthetic, digits, a torchvision dataset) at its own size, split: uint8 train images
+    N x C x H x W, labels, validation images, labels, and the class names."""
+    channels = cfg.channels or DATASETS[cfg.name].channels
     if cfg.name == "synthetic":
         images, labels, classes = _synthetic(cfg, channels)
         val_images = val_labels = None
@@ -35,16 +56,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
     if val_images is None:
         train_idx, val_idx = split_indices(len(labels), cfg.val_fraction, cfg.split_seed)
         images, labels, val_images, val_labels = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
-    fits = _choose_pipeline(cfg, (len(labels) + len(val_labels)) * channels * size * size) == "memory"
-    native = images.shape[-1]
-    if fits or images.shape[-2] != native or native >= size:
-        train = TensorImages(_conform(images, channels, size, cfg.resize), labels)
-        val = TensorImages(_conform(val_images, channels, size, cfg.resize), val_labels)
-    else:  # too big at the model's size: keep the source size (uint8) and resize batch by batch
-        lazy = (size, cfg.resize)
-        train = TensorImages(_conform(images, channels, native, "resize"), labels, resize=lazy)
-        val = TensorImages(_conform(val_images, channels, native, "resize"), val_labels, resize=lazy)
-    return DataBundle(train, val, classes, pre, "memory", source_side=min(images.shape[-2:]))
+    return images, labels, val_images, val_labels, classes
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +132,20 @@ def _torchvision(cfg: DataConfig):
 
 
 def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
+    train_samples, val_samples, classes = folder_samples(cfg)
+    nbytes = (len(train_samples) + len(val_samples)) * pre["channels"] * pre["image_size"] ** 2
+    pipeline = _choose_pipeline(cfg, nbytes)
+    limits = Limits(max_pixels=cfg.max_pixels, max_side=cfg.max_side)
+    train, val = FileImages(train_samples, pre, limits), FileImages(val_samples, pre, limits)
+    side = _typical_side([path for path, _ in train_samples])
+    if pipeline == "memory":
+        train, val = _decode_all(train), _decode_all(val)
+    return DataBundle(train, val, classes, pre, pipeline, source_side=side)
+
+
+def folder_samples(cfg: DataConfig) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """An image folder's (path, class index) pairs, split: train/ and val/ when it has both, else a fixed random
+    split of its class folders; and the class names."""
     from functools import partial
 
     from torchvision.datasets import ImageFolder as AnyFolder
@@ -131,22 +157,12 @@ def _imagefolder(cfg: DataConfig, pre: Preprocess) -> DataBundle:
             train_ds, val_ds = ImageFolder(root / "train"), ImageFolder(root / "val")
             if val_ds.classes != train_ds.classes:
                 raise ToolkitError(f"data.root: {root}/val has classes {val_ds.classes}, train/ has {train_ds.classes}")
-            train_samples, val_samples = train_ds.samples, val_ds.samples
-        else:
-            train_ds = ImageFolder(root)
-            train_idx, val_idx = split_indices(len(train_ds.samples), cfg.val_fraction, cfg.split_seed)
-            train_samples = [train_ds.samples[i] for i in train_idx]
-            val_samples = [train_ds.samples[i] for i in val_idx]
+            return train_ds.samples, val_ds.samples, list(train_ds.classes)
+        train_ds = ImageFolder(root)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ToolkitError(f"data.root: {root}: {exc}") from None
-    nbytes = (len(train_samples) + len(val_samples)) * pre["channels"] * pre["image_size"] ** 2
-    pipeline = _choose_pipeline(cfg, nbytes)
-    limits = Limits(max_pixels=cfg.max_pixels, max_side=cfg.max_side)
-    train, val = FileImages(train_samples, pre, limits), FileImages(val_samples, pre, limits)
-    side = _typical_side([path for path, _ in train_samples])
-    if pipeline == "memory":
-        train, val = _decode_all(train), _decode_all(val)
-    return DataBundle(train, val, list(train_ds.classes), pre, pipeline, source_side=side)
+    train_idx, val_idx = split_indices(len(train_ds.samples), cfg.val_fraction, cfg.split_seed)
+    return [train_ds.samples[i] for i in train_idx], [train_ds.samples[i] for i in val_idx], list(train_ds.classes)
 
 
 def _typical_side(paths: list[str], probes: int = 64) -> int | None:
