@@ -5,6 +5,7 @@ is not installed. One AOTInductor compile per session (the `format_runs` fixture
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -47,7 +48,26 @@ def photos(folder: Path, count: int = 6) -> list[Path]:
 def test_one_list_of_formats_for_the_cli_the_config_and_the_registry():
     from toolkit import cli
 
-    assert tuple(export.FORMATS) == cli.EXPORT_FORMATS == typing.get_args(ExportConfig.model_fields["format"].annotation)
+    assert tuple(export.FORMATS) == cli.EXPORT_FORMATS
+    assert ("auto", *export.FORMATS) == typing.get_args(ExportConfig.model_fields["format"].annotation)
+    assert set(export.FASTEST.values()) <= set(export.FORMATS)
+
+
+def test_export_format_auto_is_the_format_measured_fastest_per_model(monkeypatch):
+    """export.format auto (the default): ONNX for EfficientNet-B0 (faster than TorchScript through TorchServe in
+    both runs of docs/benchmarks.md), TorchScript for the others, and TorchScript, saying why, where the faster
+    format's package is missing."""
+    assert ExportConfig().format == "auto"
+    assert export.auto_format("mnist_cnn")[0] == "torchscript" and export.auto_format("resnet18")[0] == "torchscript"
+    assert export.auto_format("efficientnet_b0") == (
+        "onnx", "export.format auto: onnx, measured the fastest for efficientnet_b0 (docs/benchmarks.md)")
+
+    def missing():
+        raise ToolkitError("export format onnx needs the Python package(s) onnxscript: pip install 'toolkit[onnx]'")
+
+    monkeypatch.setitem(export.FORMATS, "onnx", dataclasses.replace(export.FORMATS["onnx"], require=missing))
+    fmt, why = export.auto_format("efficientnet_b0")
+    assert fmt == "torchscript" and "onnx serves efficientnet_b0 faster, but export format onnx needs" in why
     assert {f.model_file for f in export.FORMATS.values()} == {"model.pt", "model.onnx", "model.pt2"}
     assert export.FORMATS["torchscript"].model_file == "model.pt" and export.DEFAULT_FORMAT == "torchscript"
 
@@ -162,10 +182,11 @@ def test_missing_packages_and_compiler_are_named(tmp_path, monkeypatch, capsys):
 def test_export_says_format_parity_and_size(tmp_path, capsys):
     """`toolkit export` printed only a path (issue 27, item 12)."""
     run = make_run(tmp_path / "run", "bn_cnn", 3, 16)
-    code, out, err = run_main(capsys, "export", str(run))  # the config's export.format: torchscript
+    code, out, err = run_main(capsys, "export", str(run))  # the config's export.format: auto, torchscript for bn_cnn
     assert code == 0, err
     size = (run / "export" / "model.pt").stat().st_size / 1e6
     parity = json.loads((run / "export" / "parity.json").read_text())
+    assert parity["format_choice"] == "export.format auto: torchscript"
     assert out.splitlines()[0] == f"exported {run / 'export' / 'model.pt'} (torchscript; {size:.2f} MB)"
     assert out.splitlines()[1] == (f"  parity with the checkpoint: max |logit difference| {parity['max_abs_diff']:.2g} "
                                    f"(tolerance 0.0001) on random batches of 1 and 4")
@@ -174,7 +195,8 @@ def test_export_says_format_parity_and_size(tmp_path, capsys):
 def test_export_format_comes_from_the_config_and_the_archive_packs_it(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     config = run / "config.yaml"
-    config.write_text(config.read_text().replace("format: torchscript", "format: onnx"))
+    assert "format: auto" in config.read_text()  # the default
+    config.write_text(config.read_text().replace("format: auto", "format: onnx"))
     mar = archive.build_archive(run)  # no export yet: exported first, in export.format
     assert archive.check_archive(mar)["model"]["serializedFile"] == "model.onnx"
     assert json.loads((run / "export" / "parity.json").read_text())["opset"] == 18

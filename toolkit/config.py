@@ -263,7 +263,7 @@ class ServeConfig(Section):
 
 
 class ExportConfig(Section):
-    format: Literal["torchscript", "onnx", "aoti"] = Field("torchscript", description="Format `toolkit export` writes and `toolkit archive` packs when the run has no current export: torchscript (model.pt), onnx (model.onnx, run by onnxruntime; needs pip install 'toolkit[onnx]') or aoti (model.pt2, compiled ahead of time by AOTInductor for this kind of CPU; needs a C++ compiler). Each is parity-checked against the checkpoint.")
+    format: Literal["auto", "torchscript", "onnx", "aoti"] = Field("auto", description="Format `toolkit export` writes and `toolkit archive` packs when the run has no current export: torchscript (model.pt), onnx (model.onnx, run by onnxruntime; needs pip install 'toolkit[onnx]') or aoti (model.pt2, compiled ahead of time by AOTInductor for this kind of CPU; needs a C++ compiler). Each is parity-checked against the checkpoint. auto: the format measured fastest through TorchServe for the model in two runs (docs/benchmarks.md): onnx for efficientnet_b0 where onnxruntime is installed, torchscript for every other model.")
 
 
 class RunConfig(Section):

@@ -91,6 +91,25 @@ def preprocess_settings(meta: Meta, cfg: RunConfig, topk: int | None) -> dict:
             "max_pixels": cfg.serve.max_pixels, "max_side": cfg.serve.max_side}
 
 
+# export.format auto: a model's format where another one served it faster than TorchScript in two runs of
+# bench/serve_load.py (docs/benchmarks.md, "Serving per format"); TorchScript for every other model
+FASTEST = {"efficientnet_b0": "onnx"}
+
+
+def auto_format(model_name: str) -> tuple[str, str]:
+    """(the format export.format auto means for this model, why, in words)."""
+    fastest = FASTEST.get(model_name)
+    if fastest is None:
+        return "torchscript", "export.format auto: torchscript"
+    if FORMATS[fastest].require is not None:
+        try:
+            FORMATS[fastest].require()
+        except ToolkitError as e:
+            return "torchscript", (f"export.format auto: torchscript ({fastest} serves {model_name} faster, "
+                                   f"but {e})")
+    return fastest, f"export.format auto: {fastest}, measured the fastest for {model_name} (docs/benchmarks.md)"
+
+
 def format_of(name: str) -> Format:
     if name not in FORMATS:
         raise ToolkitError(f"export format {name!r}: use one of {', '.join(FORMATS)}")
@@ -155,6 +174,9 @@ def export_model(run_dir: str | Path, topk: int | None = None, format: str | Non
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     format = cfg.export.format if format is None else format
+    chosen = None
+    if format == "auto":
+        format, chosen = auto_format(cfg.model.name)
     fmt = format_of(format)
     precision = cfg.serve.precision if precision is None else precision
     reduced.check_supported(precision, format, cfg.model.name)
@@ -171,6 +193,8 @@ def export_model(run_dir: str | Path, topk: int | None = None, format: str | Non
     staging.mkdir(parents=True)
     try:
         parity = save_at_precision(model, meta, format, staging / fmt.model_file, precision, run_dir, settings)
+        if chosen:
+            parity["format_choice"] = chosen  # why this format: export.format auto
         (staging / PARITY_FILE).write_text(json.dumps(parity, indent=2))
         (staging / INDEX_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(meta.classes)}, indent=2))
         (staging / PREPROCESS_FILE).write_text(json.dumps(settings, indent=2))
