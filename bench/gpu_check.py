@@ -10,7 +10,8 @@ task only, since the toolkit refuses fp16 on a CPU) with accuracy above chance, 
 images/s; a resume that must end with the weights of an uninterrupted run (fp32); a real SIGUSR1 to a
 `toolkit train` inside an epoch (saves mid-epoch, exit 75) and its resume, to the same weights; EMA, mixup and
 cutmix, the ImageNet-style augmentations and top-k checkpoints averaged by `toolkit average`, together;
-batch_size auto (on a GPU a real search through out-of-memory errors, on the CPU its cap); images/s of the
+batch_size auto (on a GPU a real search through out-of-memory errors, on the CPU its cap); the digits as tar
+shards (`toolkit shard`) trained from disk and over HTTP, every validation sample once; images/s of the
 in-memory path, the DataLoader path over PNG files and a plain PyTorch loop of the same model; two processes
 through `accelerate launch` (NCCL on GPUs, gloo in the dry run); every export format, and TorchScript at
 bf16 (serve.precision), archived, served by TorchServe, answered for real image files with the top-1 of the
@@ -33,6 +34,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from toolkit.ports import free_port_block
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -273,6 +276,40 @@ def throughput_check(results: list, out: Path, sizes: dict) -> None:
         c.figures["plain_loop"] = round(steps * 64 / (time.perf_counter() - t0), 1)
 
 
+def shards_check(results: list, out: Path, sizes: dict) -> None:
+    """The digits written once as tar shards (`toolkit shard`), trained on the device from the directory and
+    over HTTP (a loopback `python -m http.server`, without ranges: each shard read from its start): every
+    validation sample counted once, accuracy above chance, images/s of the streamed path."""
+    with Check(results, "shard set: from disk and over HTTP") as c:
+        shards = out / "shards" / "digits"
+        done = subprocess.run([str(BIN / "toolkit"), "shard", "digits", str(shards), "--shard-size", "64KB"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            c.fail(f"toolkit shard exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            return
+        manifest = json.loads((shards / "manifest.json").read_text())
+        val = sum(s["count"] for s in manifest["shards"] if s["split"] == "val")
+        port = free_port_block(1)
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                   "--directory", str(shards.parent)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            for where, root in (("disk", str(shards)), ("http", f"http://127.0.0.1:{port}/digits/")):
+                _, summary, peak = train(out, f"shards-{where}", "digits.yaml", "data.name=shards", f"data.root={root}",
+                                         f"train.epochs={sizes['epochs']}", "data.num_workers=2")
+                c.figures.update({f"{where}_val_acc": round(summary["best_val_acc"], 4),
+                                  f"{where}_val_samples": summary["val_samples"],
+                                  f"{where}_images_per_s": round(summary["train_images_per_s"], 1),
+                                  f"{where}_peak_mib": peak})
+                if summary["val_samples"] != val:
+                    c.fail(f"{where}: {summary['val_samples']} validation samples counted, the manifest has {val}")
+                elif summary["best_val_acc"] <= CHANCE["digits"] + 0.1:
+                    c.fail(f"{where}: val accuracy {summary['best_val_acc']:.3f} is not above chance")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 def two_process_check(results: list, out: Path, dry: bool) -> None:
     with Check(results, "two processes (accelerate launch)") as c:
         if not dry and torch.cuda.device_count() < 2:
@@ -300,7 +337,6 @@ def serving_checks(results: list, out: Path, sizes: dict) -> None:
     from toolkit.export import FORMATS, export_model
     from toolkit.predict import predict_export
     from toolkit.samples import write_samples
-    from toolkit.ports import free_port_block
     from toolkit.server import read_token, start_server, stop_server
 
     run_dir = out / "digits-auto"
@@ -360,6 +396,7 @@ def main() -> int:
         preempt_check(results, out / "runs", sizes)
         trainer_features_check(results, out / "runs", sizes)
         throughput_check(results, out / "runs", sizes)
+        shards_check(results, out / "runs", sizes)
         two_process_check(results, out / "runs", dry)
         serving_checks(results, out / "runs", sizes)
     failed = [r for r in results if r["status"] == "failed"]

@@ -1,6 +1,6 @@
 """bench/gpu_check.sh, the check a lent GPU machine runs, kept honest by its CPU dry run: every step runs
 (set-up as the README does, training per precision, exact resume, a real SIGUSR1 mid-epoch and its exact
-resume, EMA + mixup/cutmix + augmentations + top-k averaging, batch_size auto, the three training paths, two
+resume, EMA + mixup/cutmix + augmentations + top-k averaging, batch_size auto, a shard set from disk and HTTP, the three training paths, two
 processes, every export format and TorchScript at bf16 served by a real TorchServe), its figures land in OUT/gpu_check.json, and a failed check
 fails the script."""
 
@@ -39,6 +39,9 @@ def test_gpu_check_cpu_dry_run_runs_every_step_and_records_its_figures(tmp_path)
     features = checks["EMA + mixup/cutmix + ImageNet-style augmentations + top-k and averaging"]
     assert 0 <= features["val_acc_ema"] <= 1 and len(features["averaged_epochs"]) == 2, features
     assert checks["batch_size auto (the CPU's cap)"]["batch_size"] == 64
+    sharded = checks["shard set: from disk and over HTTP"]
+    assert sharded["disk_val_samples"] == sharded["http_val_samples"] == 180, sharded  # the digits' validation split
+    assert sharded["disk_images_per_s"] > 0 and sharded["http_images_per_s"] > 0, sharded
     for fmt in FORMATS:
         assert checks[f"export {fmt} (fp32)"]["parity"]["max_abs_diff"] <= FORMATS[fmt].tolerance
     assert checks["export torchscript (bf16)"]["parity"]["top1_agreement"] >= 0.995
