@@ -16,6 +16,7 @@ import pytest
 from cluster import Nodes, Slurm, install_slurm, why_not
 from conftest import BIN, ROOT, read_jsonl
 from test_sweep import TINY
+from toolkit.rundir import RunDir
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -78,8 +79,7 @@ def test_a_sweep_as_a_job_array_runs_every_point_and_a_preempted_task_requeues_a
         assert time.monotonic() < deadline, _why(slurm, job, out)
         time.sleep(0.5)
     deadline = time.monotonic() + 300
-    while not all((out / n / "summary.json").is_file() and
-                  json.loads((out / n / "summary.json").read_text())["status"] == "complete" for n in names):
+    while not all((RunDir(out / n).read_summary() or {}).get("status") == "complete" for n in names):
         assert time.monotonic() < deadline, _why(slurm, job, out)
         time.sleep(0.5)
     took = time.monotonic() - t0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -109,7 +110,11 @@ class RunDir:
             writer.writerows(rows)
 
     def write_summary(self, summary: dict) -> None:
-        self.summary_file.write_text(json.dumps(summary, indent=2))
+        """Written beside and swapped in: `toolkit sweep --status`, `compare` and a scheduler's poll read it
+        while the run goes on, and must never see it half written (a test's poll once read it empty)."""
+        staged = self.summary_file.with_name(f".{self.summary_file.name}.tmp")
+        staged.write_text(json.dumps(summary, indent=2))
+        os.replace(staged, self.summary_file)
 
     def read_summary(self) -> dict | None:
         try:
