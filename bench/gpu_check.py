@@ -130,17 +130,22 @@ def precision_checks(results: list, out: Path, dry: bool, sizes: dict) -> None:
         results.append({"check": "train fp16", "status": "skipped", "why": "the toolkit refuses fp16 on a CPU"})
 
 
-def resume_check(results: list, out: Path, sizes: dict) -> None:
+def weights_diff(a: Path, b: Path) -> float:
+    """Largest |difference| between the checkpoints/last weights of two runs (0.0: bit-identical)."""
     from safetensors.torch import load_file
 
+    wa, wb = (load_file(d / "checkpoints" / "last" / "model.safetensors") for d in (a, b))
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def resume_check(results: list, out: Path, sizes: dict) -> None:
     common = ["model.name=bn_cnn", "data.augment.crop_padding=2", "data.augment.hflip=true",
               "train.mixed_precision=no", f"train.epochs={sizes['epochs'] + 1}", "data.synthetic_samples=512"]
     with Check(results, "resume exact (fp32)") as c:
         straight, _, _ = train(out, "straight", "smoke.yaml", *common)
         train(out, "parts", "smoke.yaml", *common, "train.stop_after=1")
         parts, summary, _ = train(out, "parts", "smoke.yaml", *common, "train.resume=true", "train.overwrite=false")
-        a, b = (load_file(d / "checkpoints" / "last" / "model.safetensors") for d in (straight, parts))
-        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        diff = weights_diff(straight, parts)
         c.figures.update(max_abs_diff=diff, epochs=summary["epochs_completed"])
         if diff != 0.0:
             c.fail(f"resumed weights differ from the uninterrupted run's (max {diff:.3g}): on a GPU, a kernel "
@@ -150,8 +155,6 @@ def resume_check(results: list, out: Path, sizes: dict) -> None:
 def preempt_check(results: list, out: Path, sizes: dict) -> None:
     """A real SIGUSR1 (Slurm's time-limit warning) to a `toolkit train` mid-epoch: it saves checkpoints/last
     inside the epoch, exits 75, and `toolkit train --resume RUN` ends with the weights of a run never stopped."""
-    from safetensors.torch import load_file
-
     common = ["model.name=bn_cnn", "data.augment.crop_padding=2", "data.augment.hflip=true",
               "train.mixed_precision=no", f"train.epochs={sizes['epochs'] + 1}", "data.synthetic_samples=512",
               "data.batch_size=16"]
@@ -187,8 +190,7 @@ def preempt_check(results: list, out: Path, sizes: dict) -> None:
         if resumed.returncode != 0:
             c.fail(f"the resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
             return
-        a, b = (load_file(d / "checkpoints" / "last" / "model.safetensors") for d in (straight, parts))
-        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        diff = weights_diff(straight, parts)
         c.figures["max_abs_diff"] = diff
         if diff != 0.0:
             c.fail(f"resumed weights differ from the uninterrupted run's (max {diff:.3g}): on a GPU, a kernel "
