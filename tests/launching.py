@@ -42,7 +42,17 @@ def command(output_dir: Path, name: str, overrides, *, script: Path = TRAIN, scr
 
 def _environment(env: dict | None) -> dict:
     inherited = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "WORLD_SIZE")}
-    return {**inherited, **(CPU_ENV if env is None else env)}
+    return {**inherited, **(CPU_ENV if env is None else env), "PYTHONFAULTHANDLER": "1"}  # see dump_stacks
+
+
+def dump_stacks(proc: subprocess.Popen) -> None:
+    """Before a hung launch is killed: SIGABRT to every process under it, each of which (PYTHONFAULTHANDLER,
+    inherited by DataLoader workers across fork) writes the Python stack of every thread to its stderr."""
+    with suppress(psutil.NoSuchProcess):
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGABRT)
+    time.sleep(3)
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -68,9 +78,10 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 180, cwd: Path
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        dump_stacks(proc)
         kill_tree(proc)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"the launch hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-2000:]}") from None
+        raise AssertionError(f"the launch hung for {timeout} s:\n{stdout[-2000:]}\n{stderr[-12000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
