@@ -136,7 +136,7 @@ def build_training(cfg: RunConfig, accelerator: Accelerator, batch_size: int | s
     steps_per_epoch = num_steps(len(train_loader), cfg.train.grad_accum_steps)
     scheduler = accelerator.prepare(build_scheduler(cfg.schedule, optimizer, steps_per_epoch, cfg.train.epochs))
     forward = torch.compile(model) if cfg.train.compile else model
-    eval_precision, eval_forward = validation_forward(cfg, accelerator, forward, plain_forward)
+    eval_precision, eval_forward = validation_forward(cfg, accelerator, plain_forward)
     aug = cfg.data.augment
     if not bundle.in_memory:  # ImageNet-style augmentation per sample in the workers, else on whole batches
         bundle.train.augment(loader_transform(aug, pre), cfg.train.seed)
@@ -192,14 +192,22 @@ def auto_batch_size(cfg: RunConfig, accelerator: Accelerator, bundle: DataBundle
     return found
 
 
-def validation_forward(cfg: RunConfig, accelerator: Accelerator, forward, plain_forward) -> tuple[str, object]:
+def validation_forward(cfg: RunConfig, accelerator: Accelerator, plain_forward) -> tuple[str, object]:
     """The precision validation runs in and the callable that runs it. By default fp32, as evaluate,
     predict, the export and TorchServe run the checkpoint: Accelerate bakes the training autocast into
-    the prepared model's forward, and an outer autocast(enabled=False) cannot undo an inner one, so fp32
-    validation calls the model's own forward, taken before prepare() wrapped it."""
-    if accelerator.mixed_precision == "no" or cfg.train.eval_precision == "train":
-        return ("fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision), forward
-    return "fp32", torch.compile(plain_forward) if cfg.train.compile else plain_forward
+    the prepared model's forward, and an outer autocast(enabled=False) cannot undo an inner one, so
+    validation calls the model's own forward, taken before prepare() wrapped it (in the training autocast
+    for eval_precision train). Never DDP's forward either: after a training step it broadcasts the buffers
+    once more, a collective of its own in the validation loop, where the main process's buffers are
+    already given to every process (validation.sync_buffers)."""
+    run = torch.compile(plain_forward) if cfg.train.compile else plain_forward
+    if accelerator.mixed_precision == "no" or cfg.train.eval_precision != "train":
+        return "fp32", run
+
+    def autocast_forward(images: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():
+            return run(images)
+    return accelerator.mixed_precision, autocast_forward
 
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator, say) -> tuple[RunState | None, list[Change]]:
