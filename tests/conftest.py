@@ -85,24 +85,44 @@ def accelerate_launch(tmp_path: Path, *overrides: str, config: str = "smoke.yaml
     return tmp_path / name, result
 
 
+def pytest_configure(config):
+    """The controller (or the only process) makes one directory that every xdist worker inherits by name
+    (TOOLKIT_TEST_SHARED), for what the whole run builds once; removed when the run ends."""
+    if not hasattr(config, "workerinput") and "TOOLKIT_TEST_SHARED" not in os.environ:
+        # a short path: TorchServe's unix sockets live under a state directory in it
+        os.environ["TOOLKIT_TEST_SHARED"] = config._toolkit_shared = tempfile.mkdtemp(prefix="tk-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_toolkit_shared", None):
+        shutil.rmtree(config._toolkit_shared, ignore_errors=True)
+        del os.environ["TOOLKIT_TEST_SHARED"]
+
+
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
+def demo():
     """`launch/demo.sh`, what `make demo` runs once .venv is set up, as a newcomer runs it: the built-in
     digits config trained as shipped (fp32 or bf16, as `auto` picks on this machine), exported and
     archived by the CLI, served, asked, stopped, in a fresh working directory (the run is its
     runs/digits). HOME is a temporary folder, so the server's state (and the key `toolkit predict --url`
     reads without --token) lives there. Returns (run dir, result); shared by the end-to-end serving
-    tests and the README walk-through, which goes on from it."""
-    # a short path, not pytest's (longer still under a worker's popen-gwN): TorchServe's unix sockets live
-    # in the server's state directory under HOME
-    root = Path(tempfile.mkdtemp(prefix="demo-"))
+    tests and the README walk-through, which goes on from a copy: run once for the whole suite, by the
+    first worker that needs it (the others wait for it), and read only."""
+    from filelock import FileLock
     from test_serve_e2e import free_port_block  # demo.sh's own choice (from 18080) could race another worker's
 
-    result = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root,
-                            env={**demo_env(root), "DEMO_PORT": str(free_port_block())},
-                            capture_output=True, text=True, timeout=900)
-    yield root / "runs" / "digits", result
-    shutil.rmtree(root, ignore_errors=True)
+    shared = Path(os.environ["TOOLKIT_TEST_SHARED"])
+    root, record = shared / "demo", shared / "demo.json"
+    with FileLock(shared / "demo.lock"):
+        if not record.exists():
+            root.mkdir()
+            done = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh")], cwd=root,
+                                  env={**demo_env(root), "DEMO_PORT": str(free_port_block())},
+                                  capture_output=True, text=True, timeout=900)
+            record.write_text(json.dumps({"args": done.args, "returncode": done.returncode, "stdout": done.stdout,
+                                          "stderr": done.stderr}))
+    result = subprocess.CompletedProcess(**json.loads(record.read_text()))
+    return root / "runs" / "digits", result
 
 
 @pytest.fixture
@@ -137,8 +157,9 @@ def format_runs(tmp_path_factory) -> dict[str, Path]:
 
 # `make test` runs the suite on two workers (pytest-xdist, --dist loadfile): a module goes to one worker whole,
 # so its module fixtures are built once; the longest modules are handed out first, so that neither worker is
-# left with a long one at the end. (A session fixture is built once per worker that needs it.)
-LONGEST = ("test_serve_e2e.py", "test_readme.py", "test_formats.py", "test_handler_formats.py", "test_cluster.py",
+# left with a long one at the end. (A session fixture is built once per worker that needs it, except the
+# demo, built once for the run: test_readme.py comes after the first few, when it is ready.)
+LONGEST = ("test_serve_e2e.py", "test_formats.py", "test_handler_formats.py", "test_cluster.py", "test_readme.py",
            "test_gpu_check.py", "test_kill_resume.py", "test_sweep_slurm.py", "test_distributed.py", "test_ema.py",
            "test_sweep.py", "test_launch_errors.py", "test_preempt_signals.py", "test_shards_launch.py",
            "test_handler.py", "test_precision.py")
