@@ -160,3 +160,26 @@ def _write_split(out: Path, split: str, samples: list, limit: int, advance) -> l
                        "sha256": hashlib.sha256(data).hexdigest(), "keys": keys, "offsets": offsets})
         written += len(data)
     return shards
+
+
+def shard_parser(sub) -> None:
+    shard = sub.add_parser("shard", help="write a dataset once as WebDataset tar shards + manifest.json, for data.name: shards")
+    shard.add_argument("source", help="a folder of class folders (or of train/ and val/ of them), digits, synthetic, or a "
+                                      "torchvision dataset the toolkit knows (mnist, fashion_mnist, cifar10, cifar100; with --root)")
+    shard.add_argument("out", type=Path, help="the directory to write (train-000000.tar, ..., val-000000.tar, manifest.json)")
+    shard.add_argument("--shard-size", default="256MB", help="most bytes per shard (256MB, 1GB, 64KiB, ...)")
+    shard.add_argument("--root", help="where a torchvision dataset is kept (data.root)")
+    shard.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share held out for validation where the source has no validation split (data.val_fraction)")
+    shard.add_argument("--split-seed", type=int, default=0, help="seed of that split and of the training samples' order (data.split_seed)")
+
+
+def cmd_shard(args) -> int:
+    if not 0 < args.val_fraction < 1:
+        raise ToolkitError(f"--val-fraction: {args.val_fraction} must be between 0 and 1")
+    manifest = write_shards(args.source, args.out, args.shard_size, args.root, args.val_fraction, args.split_seed)
+    for split, count in manifest["splits"].items():
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        print(f"{split}: {count:,} samples in {len(shards)} shard(s), {sum(s['bytes'] for s in shards) / 1e6:,.1f} MB")
+    print(f"wrote {args.out / 'manifest.json'}; train from it with --set data.name=shards --set data.root={args.out}")
+    return 0
